@@ -1,0 +1,88 @@
+"""The provider port: the small set of operations every slipstream flow needs from a cloud.
+
+Two clouds implement it — :class:`slipstream.cloud.local.LocalCloud` (embedded, the default) and
+:class:`slipstream.cloud.openstack.OpenStackCloud` (Jetstream2 and any OpenStack) — and one
+contract suite (``tests/contract``) holds both to the same inputs, states and errors.
+
+Rules every implementation keeps:
+
+- Failures are raised as :mod:`slipstream.cloud.errors`, never as SDK exceptions.
+- Creating calls stamp the given :class:`Ownership` on the resource in the same API call, so a
+  resource can never exist without it.
+- ``list_*`` calls return only resources carrying slipstream ownership (optionally of one run),
+  in one API call; nothing slipstream did not create is ever listed, changed or deleted.
+- ``delete_*`` calls raise :class:`NotFound` for a resource that is already gone, so callers
+  can treat deletion as idempotent.
+- ``api_calls`` counts requests sent to the cloud (benchmarks compare strategies with it).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from slipstream.cloud.models import (
+    Flavor,
+    FloatingIP,
+    Image,
+    Keypair,
+    Ownership,
+    Server,
+    ServerSpec,
+    Volume,
+)
+
+
+@runtime_checkable
+class CloudProvider(Protocol):
+    #: A short human name used in messages and tables, e.g. "local" or "openstack:IU".
+    name: str
+    api_calls: int
+
+    # catalogue -------------------------------------------------------------
+    def list_flavors(self) -> list[Flavor]: ...
+
+    def list_images(self) -> list[Image]: ...
+
+    # servers ---------------------------------------------------------------
+    def create_servers(self, spec: ServerSpec, owner: Ownership) -> list[Server]:
+        """Create ``spec.count`` servers in one request; all or none (a failed batch is removed)."""
+        ...
+
+    def list_servers(self, run_id: str | None = None) -> list[Server]: ...
+
+    def get_server(self, server_id: str) -> Server: ...
+
+    def delete_server(self, server_id: str) -> None: ...
+
+    def stop_server(self, server_id: str) -> None: ...
+
+    def start_server(self, server_id: str) -> None: ...
+
+    def shelve_server(self, server_id: str) -> None: ...
+
+    def unshelve_server(self, server_id: str) -> None: ...
+
+    def console_log(self, server_id: str) -> str: ...
+
+    # keypairs --------------------------------------------------------------
+    def create_keypair(self, name: str, public_key: str) -> Keypair: ...
+
+    def list_keypairs(self, run_id: str | None = None) -> list[Keypair]: ...
+
+    def delete_keypair(self, name: str) -> None: ...
+
+    # floating IPs ----------------------------------------------------------
+    def create_floating_ip(self, owner: Ownership) -> FloatingIP: ...
+
+    def attach_floating_ip(self, floating_ip_id: str, server_id: str) -> FloatingIP: ...
+
+    def list_floating_ips(self, run_id: str | None = None) -> list[FloatingIP]: ...
+
+    def delete_floating_ip(self, floating_ip_id: str) -> None: ...
+
+    # volumes ---------------------------------------------------------------
+    def create_volume(self, name: str, size_gb: int, owner: Ownership) -> Volume: ...
+
+    def list_volumes(self, run_id: str | None = None) -> list[Volume]: ...
+
+    def delete_volume(self, volume_id: str) -> None: ...

@@ -1,0 +1,59 @@
+"""The one retry policy: exponential backoff with jitter, for transient cloud failures only.
+
+Quota, capacity and bad-request errors are never retried here: repeating them spends time and,
+on a real cloud, API rate limit, without any chance of success.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from slipstream.cloud.errors import TransientError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+
+    def delays(self) -> list[float]:
+        """The pauses between attempts (len == attempts - 1), each with up to 25 % jitter."""
+        out = []
+        for i in range(self.attempts - 1):
+            d = min(self.max_delay, self.base_delay * (2**i))
+            out.append(d * (0.75 + random.random() / 4))
+        return out
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def retry(
+    fn: Callable[[], T],
+    policy: RetryPolicy = DEFAULT_RETRY,
+    *,
+    retry_on: tuple[type[BaseException], ...] = (TransientError,),
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``fn`` until it succeeds, retrying only ``retry_on`` errors, at most ``policy.attempts``
+    times. ``on_retry(attempt, error, delay)`` is told about each retry (for logs)."""
+    delays = policy.delays()
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return fn()
+        except retry_on as err:
+            if attempt == policy.attempts:
+                raise
+            delay = delays[attempt - 1]
+            if on_retry:
+                on_retry(attempt, err, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
