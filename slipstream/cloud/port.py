@@ -18,6 +18,7 @@ Rules every implementation keeps:
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from slipstream.cloud.models import (
@@ -28,6 +29,7 @@ from slipstream.cloud.models import (
     Ownership,
     Server,
     ServerSpec,
+    ServerStatus,
     Volume,
 )
 
@@ -63,6 +65,10 @@ class CloudProvider(Protocol):
     def unshelve_server(self, server_id: str) -> None: ...
 
     def console_log(self, server_id: str) -> str: ...
+
+    def state_log(self, server_id: str) -> list[tuple[ServerStatus, datetime]]:
+        """The server's status changes in time order, also after it was deleted (for metering)."""
+        ...
 
     # keypairs --------------------------------------------------------------
     def create_keypair(self, name: str, public_key: str) -> Keypair: ...

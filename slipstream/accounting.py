@@ -1,0 +1,86 @@
+"""Service Units: what a plan will cost before it runs, and what a run really spent.
+
+Jetstream2 charges ``SU/vCPU-hour of the flavour family × vCPUs × the state's charge fraction``
+for every hour a server exists (rates and fractions in :mod:`slipstream.jetstream2`):
+
+- :func:`estimate` — the worst case of a plan: every server ACTIVE for the whole walltime.
+- :func:`meter` — what one server really cost, from its lifecycle (status, since) timestamps:
+  LocalCloud's state log, or Nova's launched/terminated times and state changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from slipstream.cloud.models import Flavor, ServerStatus
+from slipstream.jetstream2 import su_per_hour
+
+
+@dataclass(frozen=True)
+class PlannedServers:
+    """``count`` servers of ``flavor`` for at most ``hours``."""
+
+    flavor: Flavor
+    count: int
+    hours: float
+
+
+def estimate(plan: Iterable[PlannedServers]) -> float:
+    """Worst-case SUs for ``plan``: every server ACTIVE for its whole walltime."""
+    return sum(su_per_hour(p.flavor) * p.count * p.hours for p in plan)
+
+
+StateLog = Sequence[tuple[ServerStatus, datetime]]
+"""A server's status changes in time order: (new status, when)."""
+
+
+def meter(flavor: Flavor, state_log: StateLog, until: datetime | None = None) -> float:
+    """SUs one server of ``flavor`` spent over ``state_log`` (up to ``until``, default now).
+
+    Each interval between two changes is charged at its status's fraction of the flavour rate;
+    the last status runs until ``until`` unless it is DELETED.
+    """
+    if not state_log:
+        return 0.0
+    end = until or datetime.now(UTC)
+    total = 0.0
+    for (status, since), nxt in zip(state_log, [*state_log[1:], None], strict=True):
+        if status == ServerStatus.DELETED:
+            break
+        stop = nxt[1] if nxt else end
+        hours = max(0.0, (stop - since).total_seconds() / 3600)
+        total += su_per_hour(flavor, status) * hours
+    return total
+
+
+@dataclass(frozen=True)
+class MeteredServer:
+    name: str
+    flavor: str
+    su: float
+    hours_active: float
+
+
+def meter_servers(cloud, servers: Iterable[tuple[str, str, str]], until: datetime | None = None) -> list[MeteredServer]:
+    """Meter ``(server_id, name, flavor)`` triples from ``cloud``'s state logs."""
+    flavors = {f.name: f for f in cloud.list_flavors()}
+    out = []
+    for server_id, name, flavor_name in servers:
+        log = cloud.state_log(server_id)
+        flavor = flavors[flavor_name]
+        active = _hours_in(log, ServerStatus.ACTIVE, until)
+        out.append(MeteredServer(name, flavor_name, meter(flavor, log, until), active))
+    return out
+
+
+def _hours_in(state_log: StateLog, wanted: ServerStatus, until: datetime | None) -> float:
+    end = until or datetime.now(UTC)
+    total = 0.0
+    for (status, since), nxt in zip(state_log, [*state_log[1:], None], strict=True):
+        if status == ServerStatus.DELETED:
+            break
+        if status == wanted:
+            total += max(0.0, ((nxt[1] if nxt else end) - since).total_seconds() / 3600)
+    return total

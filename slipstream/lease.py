@@ -1,0 +1,272 @@
+"""Lease: everything a run creates is owned, recorded, and deleted when the run ends.
+
+Use it as a context manager around the work::
+
+    owner = Ownership.new("my-pipeline")
+    with Lease(cloud, owner) as lease:
+        key = lease.create_keypair(keypair.public_key)
+        servers = lease.create_servers(ServerSpec("analysis", "g3.medium", "Featured-Ubuntu24"))
+        ...
+    print(lease.proof)          # teardown proof: what remained after teardown (must be nothing)
+
+Guarantees:
+
+- every resource is stamped with ``owner`` by the creating call itself and noted in the
+  :class:`~slipstream.ledger.Ledger` *before* that call is sent;
+- on leaving the block — success, exception, ``KeyboardInterrupt``, cancellation — everything
+  the run owns on the cloud (what this lease created, and anything else tagged with its run id)
+  is deleted in dependency order (floating IPs, servers, volumes, keypairs), each delete retried
+  on transient errors, "already gone" counted as done;
+- :attr:`Lease.proof` then lists, by run id, every kind of resource on the cloud. An empty
+  listing is the proof that nothing is left to charge the allocation.
+
+Creating is idempotent within a run: asking again for servers whose names the run already has
+(a retried task, a re-run of the same flow run) adopts them instead of booting duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from slipstream.cloud.errors import CloudError, NotFound, TransientError, WaitTimeout
+from slipstream.cloud.models import FloatingIP, Keypair, Ownership, Server, ServerSpec, Volume
+from slipstream.cloud.port import CloudProvider
+from slipstream.ledger import Ledger
+from slipstream.retry import DEFAULT_RETRY, RetryPolicy, retry
+
+log = logging.getLogger("slipstream.lease")
+
+
+class ResourceKind(StrEnum):
+    FLOATING_IP = "floating_ip"
+    SERVER = "server"
+    VOLUME = "volume"
+    KEYPAIR = "keypair"
+
+
+#: Dependency order for deletion: addresses before the servers they point at, servers before the
+#: volumes attached to them, keypairs last (they cost nothing and help debugging until the end).
+TEARDOWN_ORDER = (ResourceKind.FLOATING_IP, ResourceKind.SERVER, ResourceKind.VOLUME, ResourceKind.KEYPAIR)
+
+
+@dataclass(frozen=True)
+class HeldResource:
+    kind: ResourceKind
+    id: str
+    name: str
+    detail: str = ""  # flavour for servers, address for floating IPs, size for volumes
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass
+class TeardownProof:
+    """What a listing by run id found on the cloud after teardown, for every kind of resource."""
+
+    run_id: str
+    cloud: str
+    deleted: list[HeldResource]
+    remaining: dict[str, list[str]]
+    errors: list[str]
+    checked_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def clean(self) -> bool:
+        return not any(self.remaining.values())
+
+    def summary(self) -> str:
+        if self.clean:
+            kinds = ", ".join(self.remaining)
+            return f"teardown proof for run {self.run_id} on {self.cloud}: no {kinds} remain"
+        left = "; ".join(f"{k}: {', '.join(v)}" for k, v in self.remaining.items() if v)
+        return f"teardown INCOMPLETE for run {self.run_id} on {self.cloud}: {left}"
+
+
+EventCallback = Callable[[str, HeldResource], None]
+"""Told ``("created" | "deleted", resource)``; the Prefect layer turns these into events."""
+
+
+class Lease:
+    def __init__(
+        self,
+        cloud: CloudProvider,
+        owner: Ownership,
+        *,
+        ledger: Ledger | None = None,
+        retry_policy: RetryPolicy = DEFAULT_RETRY,
+        delete_timeout: float = 300.0,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        self.cloud = cloud
+        self.owner = owner
+        self.ledger = ledger or Ledger()
+        self.retry_policy = retry_policy
+        self.delete_timeout = delete_timeout
+        self.on_event = on_event
+        self.held: list[HeldResource] = []
+        self.proof: TeardownProof | None = None
+
+    # context manager ----------------------------------------------------------
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            log.warning("run %s ended with %s; tearing down", self.owner.run_id, exc_type.__name__)
+        self.teardown()
+
+    # creating -----------------------------------------------------------------
+    def create_servers(self, spec: ServerSpec) -> list[Server]:
+        """Create ``spec.count`` servers in one call (adopting any the run already has)."""
+        names = spec.server_names()
+        existing = {s.name: s for s in self.cloud.list_servers(run_id=self.owner.run_id) if s.name in names}
+        if existing:
+            log.info("run %s already has %s; adopting instead of creating", self.owner.run_id, sorted(existing))
+        missing = [n for n in names if n not in existing]
+        created: list[Server] = []
+        if len(missing) == len(names):
+            created = self._create(ResourceKind.SERVER, names, lambda: self.cloud.create_servers(spec, self.owner))
+        else:
+            for name in missing:
+                one = ServerSpec(**{**spec.__dict__, "name": name, "count": 1})
+                created += self._create(ResourceKind.SERVER, [name], lambda one=one: self.cloud.create_servers(one, self.owner))
+        for server in existing.values():
+            self._hold(ResourceKind.SERVER, server.id, server.name, server.flavor)
+        by_name = {s.name: s for s in [*existing.values(), *created]}
+        return [by_name[n] for n in names]
+
+    def create_keypair(self, public_key: str) -> Keypair:
+        name = Keypair.name_for_run(self.owner.run_id)
+        (kp,) = self._create(ResourceKind.KEYPAIR, [name], lambda: [self.cloud.create_keypair(name, public_key)])
+        return kp
+
+    def create_floating_ip(self) -> FloatingIP:
+        (fip,) = self._create(ResourceKind.FLOATING_IP, ["floating-ip"], lambda: [self.cloud.create_floating_ip(self.owner)])
+        return fip
+
+    def create_volume(self, name: str, size_gb: int) -> Volume:
+        (vol,) = self._create(ResourceKind.VOLUME, [name], lambda: [self.cloud.create_volume(name, size_gb, self.owner)])
+        return vol
+
+    def _create(self, kind: ResourceKind, names: list[str], call: Callable[[], list]) -> list:
+        entry_ids = self.ledger.record_pending(self.owner.run_id, self.owner.pipeline, self.cloud.name, kind, names)
+        try:
+            made = call()
+        except BaseException:
+            self.ledger.record_failed(entry_ids)
+            raise
+        for entry_id, res in zip(entry_ids, made, strict=False):
+            res_id = getattr(res, "id", None) or res.name
+            self.ledger.record_created(entry_id, res_id, getattr(res, "name", None) or getattr(res, "address", None))
+            self._hold(kind, res_id, getattr(res, "name", "") or getattr(res, "address", ""), _detail(res))
+        return made
+
+    def _hold(self, kind: ResourceKind, res_id: str, name: str, detail: str) -> None:
+        held = HeldResource(kind, res_id, name, detail)
+        self.held.append(held)
+        if self.on_event:
+            self.on_event("created", held)
+
+    def forget(self, kind: ResourceKind, res_id: str) -> None:
+        """Delete one resource now (e.g. a failed capacity attempt) and stop holding it."""
+        self._delete(kind, res_id)
+        self.held = [h for h in self.held if not (h.kind == kind and h.id == res_id)]
+
+    # tearing down ---------------------------------------------------------------
+    def owned_now(self) -> dict[ResourceKind, list[tuple[str, str]]]:
+        """Everything tagged with this run on the cloud: kind -> [(id, name)], one list call per kind."""
+        run = self.owner.run_id
+        return {
+            ResourceKind.FLOATING_IP: [(f.id, f.address) for f in self.cloud.list_floating_ips(run_id=run)],
+            ResourceKind.SERVER: [(s.id, s.name) for s in self.cloud.list_servers(run_id=run)],
+            ResourceKind.VOLUME: [(v.id, v.name) for v in self.cloud.list_volumes(run_id=run)],
+            ResourceKind.KEYPAIR: [(k.name, k.name) for k in self.cloud.list_keypairs(run_id=run)],
+        }
+
+    def teardown(self) -> TeardownProof:
+        """Delete everything the run owns, in dependency order, and prove it. Safe to call twice."""
+        errors: list[str] = []
+        deleted: list[HeldResource] = []
+        held_by_id = {(h.kind, h.id): h for h in self.held}
+        try:
+            found = self.owned_now()
+        except CloudError as err:  # listing failed: still delete what we know we hold
+            errors.append(f"listing the run's resources failed: {err}")
+            found = {k: [] for k in TEARDOWN_ORDER}
+        for kind in TEARDOWN_ORDER:
+            targets = {h.id: h.name for h in self.held if h.kind == kind} | dict(found.get(kind, []))
+            for res_id, name in targets.items():
+                try:
+                    self._delete(kind, res_id)
+                    deleted.append(held_by_id.get((kind, res_id), HeldResource(kind, res_id, name)))
+                except CloudError as err:
+                    errors.append(f"deleting {kind} {name or res_id} failed: {err}")
+            if kind == ResourceKind.SERVER and targets:
+                try:
+                    self._wait_servers_gone()
+                except CloudError as err:
+                    errors.append(str(err))
+        try:
+            remaining = {k.value: [name for _, name in v] for k, v in self.owned_now().items()}
+        except CloudError as err:
+            errors.append(f"the final listing failed: {err}")
+            remaining = {"unknown": ["listing failed, cannot prove teardown"]}
+        self.held = []
+        self.proof = TeardownProof(self.owner.run_id, self.cloud.name, deleted, remaining, errors)
+        (log.info if self.proof.clean else log.error)(self.proof.summary())
+        return self.proof
+
+    def _delete(self, kind: ResourceKind, res_id: str) -> None:
+        delete = {
+            ResourceKind.FLOATING_IP: self.cloud.delete_floating_ip,
+            ResourceKind.SERVER: self.cloud.delete_server,
+            ResourceKind.VOLUME: self.cloud.delete_volume,
+            ResourceKind.KEYPAIR: self.cloud.delete_keypair,
+        }[kind]
+
+        def attempt() -> None:
+            try:
+                delete(res_id)
+            except NotFound:
+                pass  # already gone: that is what we wanted
+
+        retry(
+            attempt,
+            self.retry_policy,
+            on_retry=lambda n, err, d: log.warning("retrying delete of %s %s (attempt %d): %s", kind, res_id, n, err),
+        )
+        self.ledger.record_deleted(self.cloud.name, kind, res_id)
+        if self.on_event:
+            self.on_event("deleted", HeldResource(kind, res_id, res_id))
+
+    def _wait_servers_gone(self) -> None:
+        deadline = time.monotonic() + self.delete_timeout
+        while True:
+            try:
+                left = self.cloud.list_servers(run_id=self.owner.run_id)
+            except TransientError:
+                left = [None]
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                names = ", ".join(s.name for s in left if s)
+                raise WaitTimeout(
+                    f"servers still present {self.delete_timeout:.0f} s after delete: {names}",
+                    cloud=self.cloud.name,
+                    hint="Run `slipstream reap --yes` later; the reaper will retry.",
+                )
+            time.sleep(0.2)
+
+
+def _detail(res: object) -> str:
+    if isinstance(res, Server):
+        return res.flavor
+    if isinstance(res, FloatingIP):
+        return res.address
+    if isinstance(res, Volume):
+        return f"{res.size_gb} GB"
+    return ""

@@ -1,0 +1,137 @@
+"""The ledger: a local record of every resource slipstream is about to create or has created.
+
+A :class:`~slipstream.lease.Lease` writes an entry *before* the creating call is sent and
+completes it when the call returns, so that even a crash between the two leaves a trace. The
+ledger is a convenience for the reaper and for ``slipstream ls``, not the source of truth: every
+resource also carries its ownership tags on the cloud itself, and the reaper finds resources by
+those tags when the ledger is missing or corrupted.
+
+SQLite in WAL mode, so a flow, the CLI and a reaper can use it at the same time.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from slipstream.paths import slipstream_home
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    entry_id    INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id      TEXT NOT NULL,
+    pipeline    TEXT NOT NULL,
+    cloud       TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    resource_id TEXT,
+    state       TEXT NOT NULL CHECK (state IN ('pending', 'created', 'deleted', 'failed')),
+    recorded_at TEXT NOT NULL,
+    deleted_at  TEXT
+);
+CREATE INDEX IF NOT EXISTS entries_run ON entries (run_id);
+"""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    entry_id: int
+    run_id: str
+    pipeline: str
+    cloud: str
+    kind: str
+    name: str
+    resource_id: str | None
+    state: str
+    recorded_at: datetime
+    deleted_at: datetime | None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class Ledger:
+    """Records resources by run. Safe to share between threads and processes."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or slipstream_home() / "ledger.db"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        with self._connect() as db:
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            yield db
+        finally:
+            db.close()
+
+    def record_pending(self, run_id: str, pipeline: str, cloud: str, kind: str, names: list[str]) -> list[int]:
+        """Note that resources ``names`` of ``kind`` are about to be created; returns entry ids."""
+        with self._lock, self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            ids = []
+            for name in names:
+                cur = db.execute(
+                    "INSERT INTO entries (run_id, pipeline, cloud, kind, name, state, recorded_at)"
+                    " VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                    (run_id, pipeline, cloud, kind, name, _now()),
+                )
+                ids.append(int(cur.lastrowid))
+            db.execute("COMMIT")
+            return ids
+
+    def record_created(self, entry_id: int, resource_id: str, name: str | None = None) -> None:
+        with self._lock, self._connect() as db:
+            db.execute(
+                "UPDATE entries SET state='created', resource_id=?, name=COALESCE(?, name)"
+                " WHERE entry_id=?",
+                (resource_id, name, entry_id),
+            )
+
+    def record_failed(self, entry_ids: list[int]) -> None:
+        """The creating call failed: nothing was created under these entries."""
+        with self._lock, self._connect() as db:
+            db.executemany(
+                "UPDATE entries SET state='failed' WHERE entry_id=? AND state='pending'",
+                [(i,) for i in entry_ids],
+            )
+
+    def record_deleted(self, cloud: str, kind: str, resource_id: str) -> None:
+        with self._lock, self._connect() as db:
+            db.execute(
+                "UPDATE entries SET state='deleted', deleted_at=?"
+                " WHERE cloud=? AND kind=? AND resource_id=? AND state!='deleted'",
+                (_now(), cloud, kind, resource_id),
+            )
+
+    def entries(self, run_id: str | None = None, *, live_only: bool = False) -> list[LedgerEntry]:
+        sql = "SELECT * FROM entries"
+        where, args = [], []
+        if run_id:
+            where.append("run_id=?")
+            args.append(run_id)
+        if live_only:
+            where.append("state IN ('pending', 'created')")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self._lock, self._connect() as db:
+            rows = db.execute(sql + " ORDER BY entry_id", args).fetchall()
+        return [
+            LedgerEntry(
+                entry_id=r[0], run_id=r[1], pipeline=r[2], cloud=r[3], kind=r[4], name=r[5],
+                resource_id=r[6], state=r[7], recorded_at=datetime.fromisoformat(r[8]),
+                deleted_at=datetime.fromisoformat(r[9]) if r[9] else None,
+            )
+            for r in rows
+        ]
