@@ -1,0 +1,137 @@
+"""OpenStack credentials as a Prefect block: a Jetstream2 allocation (or any OpenStack project).
+
+Save one in the UI (Blocks → "OpenStack Credentials") or in code, then name it in a flow's
+``cloud`` parameter as ``"slipstream-openstack-credentials/<name>"``::
+
+    from blocks.openstack import OpenStackCredentials
+
+    # a Jetstream2 application credential (Horizon → Identity → Application Credentials;
+    # give it an expiry date — Horizon's default is today)
+    OpenStackCredentials(
+        application_credential_id="8a1f...",
+        application_credential_secret="...",
+        region="IU",
+    ).save("js2-iu")
+
+    # or a cloud from the clouds.yaml Horizon/Exosphere wrote for you
+    OpenStackCredentials(cloud="TRA160003_IU").save("js2-clouds-yaml")
+
+    cloud = OpenStackCredentials.load("js2-iu").get_cloud()     # an OpenStackCloud
+
+The block only turns its fields into arguments for :func:`slipstream.cloud.openstack.connect`,
+which signs in at once and explains Jetstream2's usual credential mistakes (leftover ``OS_*``
+variables, an expired credential, a region the allocation has no access to).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+from prefect.blocks.core import Block
+from pydantic import Field, PrivateAttr, SecretStr, model_validator
+
+from slipstream.cloud.openstack import OpenStackCloud, connect
+from slipstream.jetstream2 import AUTH_URL, DEFAULT_REGION, EXTERNAL_NETWORK
+
+Region = Literal["IU", "ASU", "Cornell", "TACC", "UH"]
+
+
+class OpenStackCredentials(Block):
+    """Credentials for an OpenStack project: a clouds.yaml cloud, or an application credential."""
+
+    _block_type_name = "OpenStack Credentials"
+    _block_type_slug = "slipstream-openstack-credentials"
+    _description = (
+        "A Jetstream2 allocation (or any OpenStack project) for slipstream: a cloud from "
+        "clouds.yaml, or an application credential id and secret."
+    )
+    _documentation_url = "https://docs.jetstream-cloud.org/ui/cli/auth/"
+
+    cloud: str | None = Field(
+        default=None,
+        description="Name of a cloud in clouds.yaml (e.g. TRA160003_IU). Leave empty to use the "
+        "application credential below.",
+    )
+    clouds_yaml_path: str | None = Field(
+        default=None,
+        description="Path of clouds.yaml on the machine that runs the flow. Empty: the usual "
+        "places (./clouds.yaml, ~/.config/openstack/, /etc/openstack/).",
+    )
+    auth_url: str = Field(
+        default=AUTH_URL,
+        description="Keystone URL for the application credential (Jetstream2's by default).",
+    )
+    application_credential_id: str | None = Field(
+        default=None,
+        description="Application credential ID (Horizon → Identity → Application Credentials).",
+    )
+    application_credential_secret: SecretStr | None = Field(
+        default=None,
+        description="Application credential secret. Shown once by Horizon when you create it.",
+    )
+    region: Region = Field(
+        default=DEFAULT_REGION,
+        description="Jetstream2 region. Allocations get IU; the others are by request.",
+    )
+    external_network: str = Field(
+        default=EXTERNAL_NETWORK,
+        description="Network that floating IPs come from (Jetstream2: public).",
+    )
+    exosphere_metadata: bool = Field(
+        default=True,
+        description="On Jetstream2, mark servers so Exosphere shows their creator to teammates. "
+        "Has no effect on other clouds.",
+    )
+
+    _cached: tuple[str, OpenStackCloud] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _one_way_in(self) -> OpenStackCredentials:
+        has_id = bool(self.application_credential_id)
+        has_secret = self.application_credential_secret is not None and bool(
+            self.application_credential_secret.get_secret_value()
+        )
+        if self.cloud and (has_id or has_secret):
+            raise ValueError(
+                "Fill in either `cloud` (a clouds.yaml name) or the application credential "
+                "fields, not both: clear one of them."
+            )
+        if not self.cloud and not (has_id and has_secret):
+            missing = (
+                "application_credential_secret"
+                if has_id
+                else (
+                    "application_credential_id"
+                    if has_secret
+                    else "`cloud`, or the application credential id and secret"
+                )
+            )
+            raise ValueError(f"Missing {missing}: slipstream needs one way to sign in.")
+        return self
+
+    def connect_arguments(self) -> dict:
+        """The arguments :func:`connect` gets (the secret as plain text: keep this private)."""
+        common = {
+            "region": self.region,
+            "external_network": self.external_network,
+            "exosphere_metadata": None if self.exosphere_metadata else False,
+        }
+        if self.cloud:
+            return {"cloud": self.cloud, "clouds_yaml_path": self.clouds_yaml_path, **common}
+        return {
+            "auth_url": self.auth_url,
+            "application_credential_id": self.application_credential_id,
+            "application_credential_secret": self.application_credential_secret.get_secret_value(),
+            **common,
+        }
+
+    def get_cloud(self) -> OpenStackCloud:
+        """The signed-in cloud, built once per set of field values and then reused."""
+        args = self.connect_arguments()
+        key = hashlib.sha256(
+            repr(sorted((k, str(v)) for k, v in args.items())).encode()
+        ).hexdigest()
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, connect(**args))
+        return self._cached[1]

@@ -1,0 +1,166 @@
+"""Run a job on a fresh VM and delete the VM afterwards: ``vm_job`` and its presets.
+
+"Get me a g3.medium, copy my inputs over, run my script, bring the results back, and make sure
+nothing keeps charging my allocation." That is the whole story, whatever happens in between:
+the lease deletes every server, key and address when the flow ends — well, with an error, on
+Ctrl-C or on cancellation — and publishes a teardown proof.
+
+From Python::
+
+    from flows.vm_job import gpu_job
+    gpu_job(command="nvidia-smi && python3 train.py", inputs=["train.py"], outputs=["model.pt"])
+
+From the Prefect UI the typed parameters render as a form (see ``prefect.yaml``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from blocks import load_cloud
+from slipstream import jetstream2, progress, ssh
+from slipstream.accounting import MeteredServer
+from slipstream.cloud.models import Keypair, Ownership
+from slipstream.lease import HeldResource, Lease
+from slipstream.vmjob import REMOTE_JOB_DIR, plan_vm_job
+from tasks.events import resource_event_emitter
+from tasks.provision import attach_floating_ip, provision_servers, register_keypair, wait_until_active
+from tasks.remote import download_outputs, run_remote_command, upload_inputs, wait_for_ssh
+from tasks.report import report_run
+
+FlavorName = Literal[tuple(jetstream2.FLAVORS)]  # type: ignore[valid-type]
+GpuFlavorName = Literal["g3.small", "g3.medium", "g3.large", "g3.xl"]
+LargeMemoryFlavorName = Literal["r3.large", "r3.xl"]
+
+
+class VmJobResult(BaseModel):
+    run_id: str
+    cloud: str
+    exit_status: int
+    stdout_tail: str
+    outputs: list[str]
+    resources: list[HeldResource]
+    su_estimated: float
+    su_spent: float
+    metered: list[MeteredServer]
+    teardown_clean: bool
+    teardown_remaining: dict[str, list[str]]
+
+
+@flow(name="vm-job", log_prints=True)
+def vm_job(
+    flavor: FlavorName = "m3.small",
+    command: str | None = None,
+    script: str | None = None,
+    inputs: list[str] | None = None,
+    outputs: list[str] | None = None,
+    image: str = jetstream2.DEFAULT_IMAGE,
+    name: str = "vm-job",
+    cloud: str = "local",
+    max_hours: float = 1.0,
+    results_dir: str = "results",
+    boot_timeout_seconds: float = 900.0,
+    pipeline: str = "vm-job",
+) -> VmJobResult:
+    """Boot one VM of ``flavor``, upload ``inputs``, run ``command`` (or ``script``), download
+    ``outputs`` into ``results_dir``, and delete everything.
+
+    Args:
+        flavor: Jetstream2 flavour: m3.* general purpose, r3.* large memory, g3.* A100 vGPU.
+        command: Shell command run in the job directory on the VM.
+        script: Local script to upload and run instead of a command (.py runs with python3).
+        inputs: Local files or directories copied into the job directory first.
+        outputs: Paths relative to the job directory to bring back.
+        image: Image name; Jetstream2's Featured images come with SSH and Python.
+        name: Server name (a DNS label: lower-case letters, digits, '-').
+        cloud: "local" for the embedded cloud, or a saved cloud block ("<block-type>/<name>").
+        max_hours: Longest plausible walltime; sets the lease expiry and the SU worst case.
+        results_dir: Local directory for the outputs.
+        boot_timeout_seconds: How long to wait for the VM to be ACTIVE and reachable.
+        pipeline: Pipeline name stamped on every resource (used by `slipstream ls` and the reaper).
+    """
+    logger = get_run_logger()
+    provider = load_cloud(cloud)
+    plan = plan_vm_job(
+        provider, name=name, flavor=flavor, image=image, command=command, script=script,
+        inputs=inputs or [], outputs=outputs or [], max_hours=max_hours, results_dir=results_dir,
+    )
+    logger.info("plan: 1 x %s on %s for at most %.1f h: worst case %.2f SU", flavor, provider.name, max_hours, plan.worst_case_su)
+
+    owner = Ownership.new(pipeline, run_id=str(flow_run.get_id() or "") or None,
+                          lease=timedelta(hours=max_hours * 1.5 + 0.5))
+    keypair = ssh.generate_keypair(comment=f"slipstream-{owner.run_id}")
+    lease = Lease(provider, owner, on_event=resource_event_emitter(owner, provider.name))
+    try:
+        with lease:
+            register_keypair(lease, keypair.public_key)
+            spec = replace(plan.spec, key_name=Keypair.name_for_run(owner.run_id))
+            (server,) = wait_until_active(lease, provision_servers(lease, spec), timeout=boot_timeout_seconds)
+            server = attach_floating_ip(lease, server)
+            target = wait_for_ssh(provider, server, keypair, timeout=boot_timeout_seconds)
+            progress.report("work", 0, 3, "uploading inputs")
+            upload_inputs(target, [*plan.inputs, *([plan.script] if plan.script else [])], REMOTE_JOB_DIR)
+            progress.report("work", 1, 3, f"running: {plan.command[:40]}")
+            result = run_remote_command(target, plan.command, REMOTE_JOB_DIR, timeout=max_hours * 3600)
+            progress.report("work", 2, 3, "downloading outputs")
+            got = download_outputs(target, list(plan.outputs), REMOTE_JOB_DIR, plan.results_dir)
+            progress.report("work", 3, 3, "done")
+            progress.report("teardown", 0, 1, "deleting everything the run created")
+    finally:
+        # Runs on failure too: the researcher sees what was created, what it cost and the proof.
+        if lease.proof is not None:
+            metered = report_run(provider, pipeline, lease.proof, plan.worst_case_su)
+    proof = lease.proof
+    progress.report("teardown", 1, 1, "clean" if proof.clean else "INCOMPLETE")
+    if not proof.clean:
+        raise RuntimeError(proof.summary())
+    return VmJobResult(
+        run_id=owner.run_id, cloud=provider.name, exit_status=result.exit_status,
+        stdout_tail="\n".join(result.stdout.splitlines()[-20:]), outputs=[str(p) for p in got],
+        resources=proof.deleted, su_estimated=plan.worst_case_su, su_spent=sum(m.su for m in metered),
+        metered=metered, teardown_clean=proof.clean, teardown_remaining=proof.remaining,
+    )
+
+
+@flow(name="gpu-job", log_prints=True)
+def gpu_job(
+    command: str | None = None,
+    script: str | None = None,
+    flavor: GpuFlavorName = "g3.medium",
+    inputs: list[str] | None = None,
+    outputs: list[str] | None = None,
+    cloud: str = "local",
+    max_hours: float = 1.0,
+    results_dir: str = "results",
+) -> VmJobResult:
+    """A VM job on an A100 vGPU slice (g3.small … g3.xl). Never suspended: Jetstream2 forbids it."""
+    return vm_job(flavor=flavor, command=command, script=script, inputs=inputs, outputs=outputs,
+                  cloud=cloud, max_hours=max_hours, results_dir=results_dir, name="gpu-job", pipeline="gpu-job")
+
+
+@flow(name="large-memory-job", log_prints=True)
+def large_memory_job(
+    command: str | None = None,
+    script: str | None = None,
+    flavor: LargeMemoryFlavorName = "r3.large",
+    inputs: list[str] | None = None,
+    outputs: list[str] | None = None,
+    cloud: str = "local",
+    max_hours: float = 1.0,
+    results_dir: str = "results",
+) -> VmJobResult:
+    """A VM job on a large-memory flavour (r3.large: 500 GB, r3.xl: 1000 GB RAM)."""
+    return vm_job(flavor=flavor, command=command, script=script, inputs=inputs, outputs=outputs,
+                  cloud=cloud, max_hours=max_hours, results_dir=results_dir, name="large-memory-job",
+                  pipeline="large-memory-job")
+
+
+if __name__ == "__main__":
+    print(vm_job(command="python3 -c 'import numpy; print(numpy.arange(10).sum())'"))

@@ -1,0 +1,159 @@
+"""Running a LocalCloud VM's user_data, as cloud-init would on a Jetstream2 VM.
+
+Two forms are understood, the two slipstream uses:
+
+- a script starting with ``#!``: written to ``<disk>/var/lib/cloud/instance/scripts/part-001``
+  and executed;
+- ``#cloud-config`` YAML with ``write_files`` (``path``, ``content``, ``permissions``,
+  ``encoding`` b64/base64/gzip/gz+b64, ``append``) and ``runcmd`` (a string runs with
+  ``sh -c``, a list is executed as is). Absolute paths are mapped under the VM's disk
+  (``/etc/x`` -> ``<disk>/etc/x``): nothing outside the disk is ever written. Other keys are
+  reported on the console and ignored.
+
+Everything runs with cwd ``<disk>/home``, ``HOME`` set to it, and output going to the VM's
+console log. Each command's failure is reported and the rest still run (cloud-init does too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import os
+import posixpath
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+Say = Callable[[str], None]
+
+
+class UserDataError(ValueError):
+    """The user_data cannot be understood (bad YAML, a write_files path outside the disk...)."""
+
+
+def kind_of(user_data: str) -> str:
+    """"script", "cloud-config" or "unknown"."""
+    if user_data.startswith("#!"):
+        return "script"
+    if user_data.startswith("#cloud-config"):
+        return "cloud-config"
+    return "unknown"
+
+
+def disk_path(disk: Path, path: str) -> Path:
+    """Where the VM path ``path`` lives on the host: always inside ``disk``."""
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise UserDataError(f"write_files: bad path {path!r}")
+    # normpath of an absolute path cannot climb above "/": "/../etc" is "/etc".
+    inside = posixpath.normpath("/" + path).lstrip("/")
+    target = (disk / inside).resolve()
+    root = disk.resolve()
+    if target != root and root not in target.parents:
+        # A symlink on the disk pointing out of it: refuse rather than follow.
+        raise UserDataError(f"write_files: {path!r} resolves outside the VM's disk")
+    return target
+
+
+def _decode(content: object, encoding: str | None) -> bytes:
+    raw = content if isinstance(content, bytes) else str(content if content is not None else "").encode()
+    enc = (encoding or "text/plain").lower()
+    if enc in ("text/plain", "text"):
+        return raw
+    if enc in ("b64", "base64"):
+        return base64.b64decode(raw)
+    if enc in ("gz+b64", "gzip+base64", "gz+base64", "gzip+b64"):
+        return gzip.decompress(base64.b64decode(raw))
+    if enc in ("gz", "gzip"):
+        return gzip.decompress(raw)
+    raise UserDataError(f"write_files: unknown encoding {encoding!r}")
+
+
+def write_files(disk: Path, entries: object, say: Say) -> None:
+    if not isinstance(entries, list):
+        raise UserDataError("write_files must be a list")
+    for entry in entries:
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise UserDataError(f"write_files entry without a path: {entry!r}")
+        target = disk_path(disk, entry["path"])
+        data = _decode(entry.get("content"), entry.get("encoding"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "ab" if entry.get("append") else "wb") as f:
+            f.write(data)
+        perms = entry.get("permissions", "0644")
+        os.chmod(target, int(str(perms), 8) if not isinstance(perms, int) else perms)
+        say(f"write_files: wrote {entry['path']} ({len(data)} bytes)")
+
+
+def commands(runcmd: object) -> list[list[str]]:
+    """``runcmd`` as argument vectors: a string item runs with ``sh -c``, a list item as is."""
+    if runcmd is None:
+        return []
+    if not isinstance(runcmd, list):
+        raise UserDataError("runcmd must be a list")
+    argvs = []
+    for item in runcmd:
+        if isinstance(item, str):
+            argvs.append(["sh", "-c", item])
+        elif isinstance(item, list) and item:
+            argvs.append([str(x) for x in item])
+        else:
+            raise UserDataError(f"runcmd item must be a string or a non-empty list: {item!r}")
+    return argvs
+
+
+async def _run(argv: list[str], cwd: Path, env: Mapping[str, str]) -> int:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, cwd=cwd, env=dict(env), stdin=asyncio.subprocess.DEVNULL)  # output: the console
+    except OSError as err:
+        print(f"slipstream-local: cannot run {argv[0]}: {err}", flush=True)
+        return 127
+    try:
+        return await proc.wait()
+    except asyncio.CancelledError:
+        if proc.returncode is None:
+            proc.terminate()  # the VM is stopping
+        raise
+
+
+async def run_user_data(user_data: str, disk: Path, env: Mapping[str, str], say: Say) -> int:
+    """Run ``user_data`` on the VM whose disk is ``disk``; returns how many steps failed."""
+    home = disk / "home"
+    kind = kind_of(user_data)
+    if kind == "script":
+        scripts = disk / "var/lib/cloud/instance/scripts"
+        scripts.mkdir(parents=True, exist_ok=True)
+        script = scripts / "part-001"
+        script.write_text(user_data)
+        script.chmod(0o700)
+        code = await _run([str(script)], home, env)
+        if code != 0:
+            say(f"user_data script exited with status {code}")
+        return int(code != 0)
+    if kind == "unknown":
+        say("user_data is neither a '#!' script nor '#cloud-config': ignored")
+        return 0
+    try:
+        import yaml  # only cloud-config needs it; a guest without PyYAML still runs scripts
+    except ImportError:
+        say("cloud-config needs PyYAML, which the Python running this VM lacks: ignored")
+        return 1
+    try:
+        config = yaml.safe_load(user_data) or {}
+        if not isinstance(config, dict):
+            raise UserDataError("#cloud-config must be a mapping")
+        for key in sorted(set(config) - {"write_files", "runcmd"}):
+            say(f"cloud-config key {key!r} is not supported by LocalCloud: ignored")
+        if "write_files" in config:
+            write_files(disk, config["write_files"], say)
+        argvs = commands(config.get("runcmd"))
+    except (yaml.YAMLError, UserDataError, ValueError, OSError) as err:
+        say(f"cloud-config failed: {err}")
+        return 1
+    failed = 0
+    for i, argv in enumerate(argvs):
+        code = await _run(argv, home, env)
+        if code != 0:
+            say(f"runcmd[{i}] exited with status {code}")
+            failed += 1
+    return failed

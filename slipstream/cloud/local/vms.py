@@ -1,0 +1,115 @@
+"""A LocalCloud VM on disk: its directory, its metadata, and starting its guest process.
+
+``<home>/vms/<server id>/`` holds, like a hypervisor's instance directory plus the metadata
+service:
+
+- ``disk/`` — the VM's disk; ``disk/home`` is the login home and where user_data runs;
+- ``console.log`` — everything the VM prints (boot messages, host keys, user_data output);
+- ``meta.json`` — what a VM learns from the metadata service: uuid, name, address, flavour,
+  image, metadata, public keys, the user_data file, the floating IP (rewritten on attach);
+- ``user_data`` — the user_data as given; ``boot.json`` — this boot's number and ``ready_at``;
+- ``sshd/`` — the sshd's host keys and configuration (Featured images), kept across reboots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import slipstream
+from slipstream.cloud.local.processes import HOME_MARKER, VM_MARKER, GuestProcess, launch_guests, vm_marker
+from slipstream.cloud.models import Flavor
+
+
+def vm_dir(home: Path, server_id: str) -> Path:
+    return home / "vms" / server_id
+
+
+def python_bin_dir() -> str:
+    """The directory of the Python running slipstream (a venv's bin/, not the resolved
+    interpreter): the local "image" offers this python3 and what is installed with it."""
+    return str(Path(sys.executable).parent)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)  # the guest polls meta.json: it must never see half a file
+
+
+def prepare(directory: Path, *, server_id: str, name: str, address: str | None, flavor: Flavor,
+            image: str, runs_sshd: bool, metadata: dict[str, str], tags: list[str],
+            key_name: str | None, public_key: str | None, user_data: str | None,
+            ssh_port: int, ssh_user: str, host: str | None) -> None:
+    """Create the VM's directory, disk and metadata."""
+    (directory / "disk" / "home").mkdir(parents=True, exist_ok=True)
+    (directory / "console.log").touch()
+    user_data_path = None
+    if user_data is not None:
+        user_data_path = directory / "user_data"
+        user_data_path.write_text(user_data)
+    _write_json(directory / "meta.json", {
+        "uuid": server_id,
+        "name": name,
+        "hostname": name,
+        "address": address,
+        "floating_ip": None,
+        "flavor": asdict(flavor),
+        "image": image,
+        "runs_sshd": runs_sshd,
+        "metadata": metadata,
+        "tags": tags,
+        "key_name": key_name,
+        "public_keys": {key_name: public_key} if key_name and public_key else {},
+        "user_data": str(user_data_path) if user_data_path else None,
+        "ssh_port": ssh_port,
+        "ssh_user": ssh_user,
+        "python_bin_dir": python_bin_dir(),
+        "availability_zone": "nova",
+        "host": host,
+    })
+
+
+def update_meta(directory: Path, **changes: object) -> None:
+    """Change fields of meta.json (e.g. the floating IP); a no-op if the VM dir is gone."""
+    path = directory / "meta.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return
+    data.update(changes)
+    _write_json(path, data)
+
+
+def write_boot(directory: Path, boot: int, ready_at: float) -> None:
+    _write_json(directory / "boot.json", {"boot": boot, "ready_at": ready_at})
+
+
+def remove(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _guest_env(home: Path, server_id: str, boot: int) -> dict[str, str]:
+    package_root = str(Path(slipstream.__file__).resolve().parent.parent)
+    return {
+        "PATH": f"{python_bin_dir()}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PYTHONPATH": package_root,  # the guest imports slipstream, installed or not
+        "PYTHONUNBUFFERED": "1",
+        "LANG": "C.UTF-8",
+        "SLIPSTREAM_SERVER_ID": server_id,
+        HOME_MARKER: str(home),
+        VM_MARKER: vm_marker(server_id, boot),
+    }
+
+
+def start_guests(home: Path, vms: list[tuple[str, int]]) -> list[GuestProcess]:
+    """Start the guests of ``(server id, boot number)`` pairs, detached; raises RuntimeError."""
+    return launch_guests([
+        {"vm_dir": str(vm_dir(home, sid)), "console": str(vm_dir(home, sid) / "console.log"),
+         "env": _guest_env(home, sid, boot)}
+        for sid, boot in vms
+    ])

@@ -1,0 +1,398 @@
+"""SSH to the servers slipstream creates: run commands and copy files, with the host key checked.
+
+A flow makes a throwaway keypair, registers its public half with the cloud, boots a server and
+then talks to it here. The server's host key is never trusted blindly: cloud-init prints the
+host key fingerprints to the console log at boot, and a connection is accepted only if the key
+the server presents has one of them. A mismatch stops the run (:class:`HostKeyMismatch`)::
+
+    keypair = generate_keypair("slipstream-<run id>")
+    cloud.create_keypair(name, keypair.public_key)
+    ...
+    target = wait_for_ssh(
+        lambda: target_for(cloud.get_server(sid), keypair, cloud.console_log(sid)), timeout=600)
+    upload(target, [Path("input.csv")], "job")
+    print(run_command(target, "cd job && python3 analyse.py", timeout=3600).stdout)
+    download(target, ["job/results"], Path("results"))
+
+The API is synchronous (Prefect tasks, scripts); each call opens its own connection on a
+private event loop, so it works from worker threads and notebooks alike. Commands run in the
+login home (``cd "$HOME"`` first); relative SFTP paths resolve there too. ``~/.ssh/config``,
+``known_hosts`` and the SSH agent are ignored: a :class:`SshTarget` says everything.
+
+The private key stays in the process that generated it: it is absent from repr/str, logs and
+errors, and a pickled keypair carries only a reference that resolves in this process (Prefect
+can pass it between tasks; a persisted result holds no key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+import shlex
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import asyncssh
+
+from slipstream.cloud.errors import TransientError
+from slipstream.cloud.models import Server
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CONNECT_TIMEOUT = 20.0  # longest wait for one TCP connect + SSH handshake + authentication
+
+
+class SshError(Exception):
+    """Base of every SSH failure. ``str(err)`` says what happened, where, and what to do."""
+
+
+class HostKeyUnavailable(SshError):
+    """No host key fingerprints are known for the server (its console has not printed them)."""
+
+
+class HostKeyMismatch(SshError):
+    """The server presented a host key that is not among the fingerprints from its console."""
+
+    def __init__(self, host: str, port: int, presented: str | None, expected: tuple[str, ...]):
+        self.host, self.port, self.presented, self.expected = host, port, presented, expected
+        super().__init__(
+            f"host key mismatch for {host}:{port}: it presented {presented or 'no usable key'}, "
+            f"its console log printed {', '.join(expected)}. Slipstream hung up before sending "
+            "its key or any command. Either "
+            "someone is intercepting the connection (possible man-in-the-middle: do not retry, "
+            "check the address) or the console log is from another boot or another server "
+            "(check that the address still belongs to this server, then fetch its console again)."
+        )
+
+
+class SshUnreachable(SshError):
+    """Could not reach the SSH server: refused, unreachable, reset or timed out (not up yet?)."""
+
+
+class SshAuthFailed(SshError):
+    """The server refused our key (not installed yet on a booting server, or the wrong key)."""
+
+
+class SshTimeout(SshError):
+    """A command, a transfer or the wait for SSH did not finish before its deadline."""
+
+
+class RemoteCommandFailed(SshError):
+    """A remote command exited non-zero. Carries the exit status and the end of its stderr."""
+
+    def __init__(self, command: str, exit_status: int, stderr: str = "", *,
+                 host: str | None = None):
+        self.command, self.exit_status = command, exit_status
+        self.stderr_tail = "\n".join(stderr.rstrip().splitlines()[-20:])
+        text = f"remote command {command[:200]!r} exited with status {exit_status}"
+        text += f" on {host}" if host else ""
+        super().__init__(f"{text}; last lines of stderr:\n{self.stderr_tail}" if self.stderr_tail
+                         else f"{text} (no stderr)")
+
+
+# Private keys alive in this process, by fingerprint: what an unpickled keypair resolves to.
+# Weak values: a key is gone from here as soon as its keypair is.
+_LIVE_KEYS: weakref.WeakValueDictionary[str, _PrivateKey] = weakref.WeakValueDictionary()
+
+
+class _PrivateKey:
+    """Holds an asyncssh private key so that it cannot leak by accident.
+
+    repr/str are redacted, and pickling (Prefect results, multiprocessing) carries only the
+    fingerprint, resolved back to the live key in this process.
+    """
+
+    def __init__(self, fingerprint: str, key: asyncssh.SSHKey | None):
+        self.fingerprint, self._key = fingerprint, key
+        if key is not None:
+            _LIVE_KEYS[fingerprint] = self
+
+    def __repr__(self) -> str:
+        return "<private key redacted>"
+
+    def __reduce__(self) -> tuple[Callable[[str], _PrivateKey], tuple[str]]:
+        return _resolve_private_key, (self.fingerprint,)
+
+    def __deepcopy__(self, memo: dict) -> _PrivateKey:
+        return self  # immutable: copies share the key instead of serialising it
+
+    def get(self) -> asyncssh.SSHKey:
+        if self._key is None:
+            raise SshError(f"the private key of {self.fingerprint} is not in this process: it "
+                           "never leaves the one that generated it. Generate the keypair where "
+                           "you connect (or use a thread-based task runner).")
+        return self._key
+
+
+def _resolve_private_key(fingerprint: str) -> _PrivateKey:
+    return _LIVE_KEYS.get(fingerprint) or _PrivateKey(fingerprint, None)
+
+
+@dataclass(frozen=True)
+class SshKeypair:
+    """An ed25519 keypair. ``public_key`` is an OpenSSH line; the private half is never shown."""
+
+    public_key: str
+    fingerprint: str
+    _private: _PrivateKey = field(repr=False, compare=False)
+
+    def private_key(self) -> asyncssh.SSHKey:
+        """The asyncssh key object, for authenticating (raises SshError in another process)."""
+        return self._private.get()
+
+
+def generate_keypair(comment: str) -> SshKeypair:
+    key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
+    fingerprint = key.get_fingerprint("sha256")
+    public = key.export_public_key("openssh").decode().strip()
+    return SshKeypair(public, fingerprint, _PrivateKey(fingerprint, key))
+
+
+_BEGIN = "-----BEGIN SSH HOST KEY FINGERPRINTS-----"
+_END = "-----END SSH HOST KEY FINGERPRINTS-----"
+_SHA256 = re.compile(r"\bSHA256:[A-Za-z0-9+/]{43}(?![A-Za-z0-9+/=])")
+
+
+def host_keys_from_console(console_text: str) -> tuple[str, ...]:
+    """The SHA256 host key fingerprints cloud-init printed, from the *last* complete block.
+
+    Console lines may carry prefixes (``ec2: ``, kernel timestamps) and CRs; after a reboot the
+    block appears again and the last one is the current boot's. A block that has begun but not
+    ended yet counts as not printed: an earlier boot's keys could be stale.
+    """
+    begin = console_text.rfind(_BEGIN)
+    if begin < 0:
+        return ()
+    end = console_text.find(_END, begin)
+    if end < 0:
+        return ()
+    found = _SHA256.findall(console_text[begin + len(_BEGIN):end])
+    return tuple(dict.fromkeys(found))
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """Where to connect, as whom, and which host keys to accept."""
+
+    host: str
+    port: int
+    user: str
+    keypair: SshKeypair
+    expected_fingerprints: tuple[str, ...] = ()
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def target_for(server: Server, keypair: SshKeypair, console_text: str) -> SshTarget:
+    """The target for ``server`` (its floating IP if it has one), keys read from its console."""
+    host = server.reachable_address
+    if not host:
+        raise SshUnreachable(f"server {server.name} ({server.id}) has no address yet")
+    return SshTarget(host, server.ssh_port, server.ssh_user, keypair,
+                     host_keys_from_console(console_text))
+
+
+class _HostKeyCheck(asyncssh.SSHClient):
+    """Accepts the server only if its host key has one of the expected SHA256 fingerprints."""
+
+    def __init__(self, expected: tuple[str, ...]):
+        self.expected = expected
+        self.presented: str | None = None
+
+    def validate_host_public_key(self, host: str, addr: str, port: int,
+                                 key: asyncssh.SSHKey) -> bool:
+        self.presented = key.get_fingerprint("sha256")
+        return self.presented in self.expected
+
+
+def _no_known_hosts(host: str, addr: str, port: int | None) -> tuple[list, list, list]:
+    # Trust nothing up front, so every host key goes through _HostKeyCheck. (known_hosts=None
+    # would switch checking off, and an empty value would read ~/.ssh/known_hosts.)
+    return [], [], []
+
+
+async def _connect(target: SshTarget, timeout: float) -> asyncssh.SSHClientConnection:
+    if not target.expected_fingerprints:
+        raise HostKeyUnavailable(f"no host key fingerprints known for {target.endpoint}: its "
+                                 "console log has not printed them yet. Wait for the server to "
+                                 "finish booting (wait_for_ssh does).")
+    check = _HostKeyCheck(target.expected_fingerprints)
+    try:
+        return await asyncssh.connect(
+            target.host, target.port, username=target.user,
+            client_factory=lambda: check, known_hosts=_no_known_hosts, x509_trusted_certs=None,
+            client_keys=[target.keypair.private_key()], agent_path=None, config=None,
+            password_auth=False, kbdint_auth=False, gss_auth=False, host_based_auth=False,
+            connect_timeout=timeout, keepalive_interval=30,
+        )
+    except asyncssh.HostKeyNotVerifiable:
+        raise HostKeyMismatch(target.host, target.port, check.presented,
+                              target.expected_fingerprints) from None
+    except asyncssh.PermissionDenied:
+        raise SshAuthFailed(f"{target.endpoint} refused key {target.keypair.fingerprint} for "
+                            f"{target.user!r}: not installed yet, or wrong login user") from None
+    except (OSError, asyncio.TimeoutError, asyncssh.DisconnectError) as err:
+        why = str(err) or type(err).__name__
+        raise SshUnreachable(f"cannot reach SSH on {target.endpoint}: {why}") from None
+
+
+def _run_sync(make: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine to completion on a private event loop, from any thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())  # the usual case: a Prefect worker thread or a script
+    # This thread already runs a loop (a notebook, an async flow): use a thread of our own.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slipstream-ssh") as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    exit_status: int
+    """The command's exit status; minus the signal number if a signal ended it."""
+    stdout: str
+    stderr: str
+
+
+def _in_home(command: str, env: dict[str, str] | None) -> str:
+    # Real VMs start sessions in $HOME already; LocalCloud's sshd starts in the passwd home and
+    # sets HOME to the VM's disk. Variables go into the script, not SSH "env" requests: stock
+    # sshd (AcceptEnv LANG LC_*) silently drops those.
+    lines = ['cd "$HOME" || exit 1']
+    for name, value in (env or {}).items():
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            raise ValueError(f"{name!r} is not an environment variable name")
+        lines.append(f"export {name}={shlex.quote(value)}")
+    return "\n".join([*lines, command])
+
+
+def run_command(target: SshTarget, command: str, *, timeout: float,
+                env: dict[str, str] | None = None, check: bool = True) -> CommandResult:
+    """Run ``command`` with the login shell, in the login home, and wait at most ``timeout`` s.
+
+    Raises :class:`RemoteCommandFailed` on a non-zero exit when ``check``, :class:`SshTimeout`
+    when the command outlives ``timeout`` (it may keep running on the server).
+    """
+    async def go() -> CommandResult:
+        async with await _connect(target, min(timeout, CONNECT_TIMEOUT)) as conn:
+            try:
+                done = await conn.run(_in_home(command, env), stdin=asyncssh.DEVNULL,
+                                      timeout=timeout, errors="replace")
+            except asyncssh.TimeoutError:
+                raise SshTimeout(f"command did not finish within {timeout:.0f} s on "
+                                 f"{target.endpoint}: {command[:200]!r}") from None
+            except (asyncssh.Error, OSError) as err:
+                lost = f"{err}"
+            else:
+                if done.returncode is not None:
+                    return CommandResult(done.returncode, str(done.stdout or ""),
+                                         str(done.stderr or ""))
+                lost = "the session closed without an exit status"
+            raise SshError(f"connection to {target.endpoint} lost while running "
+                           f"{command[:200]!r}: {lost}. The server may have been stopped.")
+
+    log.debug("running on %s as %s: %s", target.endpoint, target.user, command)
+    result = _run_sync(go)
+    if check and result.exit_status != 0:
+        raise RemoteCommandFailed(command, result.exit_status, result.stderr, host=target.endpoint)
+    return result
+
+
+async def _transfer(target: SshTarget, what: str, timeout: float,
+                    action: Callable[[asyncssh.SFTPClient], Awaitable[None]]) -> None:
+    async with await _connect(target, min(timeout, CONNECT_TIMEOUT)) as conn:
+        try:
+            async with conn.start_sftp_client() as sftp:
+                await asyncio.wait_for(action(sftp), timeout)
+        except asyncio.TimeoutError:
+            raise SshTimeout(f"{what} on {target.endpoint} took over {timeout:.0f} s") from None
+        except (asyncssh.Error, OSError) as err:  # SFTP errors, local I/O, a dropped link
+            raise SshError(f"{what} on {target.endpoint} failed: {err}") from None
+
+
+def upload(target: SshTarget, local_paths: Iterable[Path], remote_dir: str, *,
+           timeout: float = 3600.0) -> None:
+    """Copy files and directories (recursively) into ``remote_dir`` (relative: under $HOME),
+    creating it if needed."""
+    paths = [Path(p) for p in local_paths]
+    if missing := [str(p) for p in paths if not p.exists()]:
+        raise FileNotFoundError(f"cannot upload {', '.join(missing)}: no such file or directory")
+
+    async def action(sftp: asyncssh.SFTPClient) -> None:
+        await sftp.makedirs(remote_dir, exist_ok=True)
+        if paths:
+            await sftp.put([str(p) for p in paths], remote_dir, recurse=True, preserve=True)
+
+    log.debug("uploading %s to %s:%s", [str(p) for p in paths], target.endpoint, remote_dir)
+    _run_sync(lambda: _transfer(target, f"upload to {remote_dir}", timeout, action))
+
+
+def download(target: SshTarget, remote_paths: Iterable[str], local_dir: Path, *,
+             timeout: float = 3600.0) -> None:
+    """Copy remote files and directories (recursively; relative paths: under $HOME) into
+    ``local_dir``, creating it if needed."""
+    paths = list(remote_paths)
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
+
+    async def action(sftp: asyncssh.SFTPClient) -> None:
+        if paths:
+            await sftp.get(paths, str(local_dir), recurse=True, preserve=True)
+
+    log.debug("downloading %s from %s to %s", paths, target.endpoint, local_dir)
+    _run_sync(lambda: _transfer(target, f"download of {', '.join(paths)}", timeout, action))
+
+
+def wait_for_ssh(
+    target: SshTarget | Callable[[], SshTarget],
+    *,
+    timeout: float,
+    on_progress: Callable[[int, str], None] | None = None,
+    poll_interval: float = 2.0,
+) -> SshTarget:
+    """Wait until the server accepts our key over SSH, with its host key verified.
+
+    ``target`` may be a function building a fresh target each attempt (re-reading the server
+    and its console log, whose fingerprints appear late in boot). Refused or dropped connections,
+    missing fingerprints, a key not installed yet and transient cloud errors are retried until
+    ``timeout``; a host key mismatch never is. Returns the target that worked.
+    ``on_progress(attempt, detail)`` hears about every failed attempt.
+    """
+    deadline = time.monotonic() + timeout
+    for attempt in itertools.count(1):
+        try:
+            current = target() if callable(target) else target
+            remaining = max(1.0, deadline - time.monotonic())
+            _run_sync(lambda: _probe(current, min(remaining, CONNECT_TIMEOUT)))
+            return current
+        except HostKeyMismatch:
+            raise
+        except HostKeyUnavailable:
+            if not callable(target):
+                raise  # a fixed target will never learn its fingerprints
+            detail = "host key fingerprints not on the console yet"
+        except (SshUnreachable, SshAuthFailed, TransientError) as err:
+            detail = str(err)
+        log.debug("SSH attempt %d: %s", attempt, detail)
+        if on_progress:
+            on_progress(attempt, detail)
+        if time.monotonic() >= deadline:
+            raise SshTimeout(f"SSH not ready after {timeout:.0f} s ({attempt} attempts); "
+                             f"last: {detail}. Check the server's console log.")
+        time.sleep(min(poll_interval, max(0.0, deadline - time.monotonic())))
+    raise AssertionError("unreachable")
+
+
+async def _probe(target: SshTarget, timeout: float) -> None:
+    async with await _connect(target, timeout):
+        pass  # connected, host key verified and authenticated: that is all we need to know

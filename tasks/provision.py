@@ -1,0 +1,55 @@
+"""Tasks that create and wait for cloud resources, always through a :class:`~slipstream.lease.Lease`."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from slipstream import progress
+from slipstream.cloud.models import FloatingIP, Keypair, Server, ServerSpec, ServerStatus
+from slipstream.cloud.waiting import wait_for_servers
+from slipstream.lease import Lease
+from tasks import CLOUD_TASK_OPTIONS
+
+
+@task(name="register-keypair", **CLOUD_TASK_OPTIONS)
+def register_keypair(lease: Lease, public_key: str) -> Keypair:
+    """Register this run's SSH public key; the lease deletes it at the end."""
+    return lease.create_keypair(public_key)
+
+
+@task(name="provision-servers", **CLOUD_TASK_OPTIONS)
+def provision_servers(lease: Lease, spec: ServerSpec) -> list[Server]:
+    """Create ``spec.count`` servers in one request (retries adopt, never duplicate)."""
+    logger = get_run_logger()
+    servers = lease.create_servers(spec)
+    logger.info("requested %d x %s (%s) on %s: %s", spec.count, spec.flavor, spec.image,
+                lease.cloud.name, ", ".join(s.name for s in servers))
+    return servers
+
+
+@task(name="wait-until-active", **CLOUD_TASK_OPTIONS)
+def wait_until_active(lease: Lease, servers: list[Server], timeout: float = 900.0) -> list[Server]:
+    """Wait for every server to be ACTIVE: one list call per round, ERROR fails at once."""
+    logger = get_run_logger()
+    last = {"done": -1}
+
+    def on_progress(done: int, total: int, seen: list[Server]) -> None:
+        states = ", ".join(f"{s.name}={s.status}" for s in seen)
+        progress.report("booting", done, total, states)
+        if done != last["done"]:
+            logger.info("booting: %d/%d ACTIVE (%s)", done, total, states)
+            last["done"] = done
+
+    return wait_for_servers(
+        lease.cloud, lease.owner.run_id, [s.id for s in servers],
+        status=ServerStatus.ACTIVE, timeout=timeout, poll_interval=0.5, on_progress=on_progress,
+    )
+
+
+@task(name="attach-floating-ip", **CLOUD_TASK_OPTIONS)
+def attach_floating_ip(lease: Lease, server: Server) -> Server:
+    """Give ``server`` a public (floating) address from the cloud's external network."""
+    fip: FloatingIP = lease.create_floating_ip()
+    lease.cloud.attach_floating_ip(fip.id, server.id)
+    get_run_logger().info("%s reachable at %s", server.name, fip.address)
+    return lease.cloud.get_server(server.id)

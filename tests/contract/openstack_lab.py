@@ -1,0 +1,83 @@
+"""Finding the OpenStack lab (lab/lab.sh) from tests: its clouds.yaml and a signed-in cloud.
+
+The lab is a real Keystone/Nova/Neutron/Cinder/Glance on 127.0.0.1 that `lab/lab.sh up` starts
+and leaves running. Tests never start or stop it. When it is not up, lab tests skip with the
+reason — or FAIL when ``SLIPSTREAM_REQUIRE_LAB=1`` (CI sets it), so a broken lab can never turn
+a red suite green.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from slipstream import lab
+from slipstream.cloud.errors import CloudError, TransientError
+from slipstream.cloud.openstack import OpenStackCloud, connect
+
+LAB_CLOUD = lab.CLOUD
+LAB_ADMIN_CLOUD = lab.ADMIN_CLOUD
+NO_HOST_FLAVOR = "slipstream-test-nohost"
+
+
+def lab_clouds_yaml() -> Path:
+    """The lab's clouds.yaml (``$SLIPSTREAM_LAB_HOME/clouds.yaml``), as slipstream.lab says."""
+    return lab.clouds_yaml()
+
+
+def lab_required() -> bool:
+    return os.environ.get("SLIPSTREAM_REQUIRE_LAB", "") not in ("", "0", "false", "no")
+
+
+def lab_unavailable(reason: str) -> None:
+    """Skip (or fail, when the lab is required) with ``reason``."""
+    text = f"OpenStack lab not available: {reason} (start it with `lab/lab.sh up`)"
+    if lab_required():
+        pytest.fail(text + "; SLIPSTREAM_REQUIRE_LAB is set, so this is a failure", pytrace=False)
+    pytest.skip(text)
+
+
+def open_lab_cloud(cloud: str = LAB_CLOUD, **kwargs) -> OpenStackCloud:
+    path = lab_clouds_yaml()
+    if not path.is_file():
+        lab_unavailable(f"no clouds.yaml at {path}")
+    try:
+        return connect(cloud, clouds_yaml_path=path, **kwargs)
+    except TransientError as err:
+        lab_unavailable(f"it does not answer ({err})")
+    except CloudError as err:  # a lab that is up but refuses us is a real failure
+        pytest.fail(f"the lab answered but connecting failed: {err}", pytrace=False)
+    raise AssertionError("unreachable")
+
+
+# Fixtures are declared under other function names (``name=``) so that modules importing them
+# do not shadow the imported name with the test's parameter.
+@pytest.fixture(scope="session", name="lab_cloud")
+def lab_cloud_fixture() -> OpenStackCloud:
+    cloud = open_lab_cloud()
+    yield cloud
+    cloud.close()
+
+
+@pytest.fixture(scope="session", name="lab_admin_cloud")
+def lab_admin_cloud_fixture() -> OpenStackCloud:
+    cloud = open_lab_cloud(LAB_ADMIN_CLOUD)
+    yield cloud
+    cloud.close()
+
+
+@pytest.fixture(scope="session", name="no_host_flavor")
+def no_host_flavor_fixture(lab_admin_cloud, lab_cloud) -> str:
+    """A public flavour no lab host can take (a root disk larger than any host), so Nova answers
+    "No valid host was found" like a full GPU region. Flavours are admin-made: this is set-up;
+    the tests themselves run as the project user."""
+    compute = lab_admin_cloud.conn.compute
+    flavor = compute.find_flavor(NO_HOST_FLAVOR, ignore_missing=True) or compute.create_flavor(
+        name=NO_HOST_FLAVOR, vcpus=1, ram=512, disk=50_000_000, is_public=True
+    )
+    lab_cloud._flavors = None  # the project user's flavour cache must see it
+    yield flavor.name
+    compute.delete_flavor(flavor, ignore_missing=True)
+    lab_cloud._flavors = None

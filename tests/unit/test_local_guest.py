@@ -1,0 +1,205 @@
+"""Inside a LocalCloud VM: user_data really runs, Featured images run a real sshd, floating IPs reach it."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import sys
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from slipstream import ssh
+from slipstream.cloud.local.userdata import UserDataError, disk_path
+from slipstream.cloud.models import Keypair, Ownership, ServerSpec, ServerStatus
+from slipstream.cloud.waiting import wait_for_servers
+
+S = ServerStatus
+NOOP = "slipstream-noop"
+FINISHED = "Cloud-init v. 24.4 (slipstream-local) finished"
+
+
+def owner() -> Ownership:
+    return Ownership.new("unit", run_id=f"t{uuid.uuid4().hex[:12]}", lease=timedelta(hours=1))
+
+
+def wait_until(predicate, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
+        time.sleep(0.02)
+    return result
+
+
+def boot(cloud, spec: ServerSpec, who: Ownership | None = None, finished: int = 1):
+    """Create, wait for ACTIVE and for the guest to finish its boot (user_data included)."""
+    who = who or owner()
+    (server,) = cloud.create_servers(spec, who)
+    (server,) = wait_for_servers(cloud, who.run_id, [server.id], timeout=20, poll_interval=0.05)
+    wait_until(lambda: cloud.console_log(server.id).count(FINISHED) >= finished, what="end of boot")
+    return server, who
+
+
+def disk(cloud, server) -> Path:
+    return cloud.home / "vms" / server.id / "disk"
+
+
+def ssh_banner(address: str, port: int) -> bytes:
+    with socket.create_connection((address, port), timeout=5) as conn:
+        return conn.recv(64)
+
+
+def vm_processes(server_id: str, cmdline: bytes) -> set[int]:
+    """Running processes of the VM (by its SLIPSTREAM_SERVER_ID) whose command line has ``cmdline``."""
+    marker = f"SLIPSTREAM_SERVER_ID={server_id}".encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if (entry.name.isdigit() and cmdline in (entry / "cmdline").read_bytes()
+                    and marker in (entry / "environ").read_bytes().split(b"\0")):
+                found.add(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+# user_data ----------------------------------------------------------------------------------
+def test_a_script_runs_in_the_vm_home_with_the_vm_environment(local_cloud):
+    script = """#!/bin/sh
+echo "user_data says hello from $SLIPSTREAM_VM_NAME"
+pwd > where
+env > environment
+python3 -c 'import numpy, sys; print("numpy", numpy.__version__, sys.executable)'
+"""
+    server, _ = boot(local_cloud, ServerSpec("script", "m3.tiny", NOOP, user_data=script))
+    home = disk(local_cloud, server) / "home"
+    console = local_cloud.console_log(server.id)
+    assert "user_data says hello from script" in console
+    assert "numpy " in console
+    assert (home / "where").read_text().strip() == str(home)
+    env = dict(line.split("=", 1) for line in (home / "environment").read_text().splitlines() if "=" in line)
+    assert env["HOME"] == str(home)
+    assert env["SLIPSTREAM_VM_DISK"] == str(disk(local_cloud, server))
+    assert env["SLIPSTREAM_VM_ADDRESS"] == server.address
+    assert env["SLIPSTREAM_VM_NAME"] == "script" and env["SLIPSTREAM_SERVER_ID"] == server.id
+    assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+
+
+def test_cloud_config_write_files_and_runcmd(local_cloud):
+    payload = base64.b64encode(b"\x00binary\xff").decode()
+    config = f"""#cloud-config
+write_files:
+  - path: /etc/app/app.conf
+    content: |
+      threads=4
+    permissions: '0600'
+  - path: /opt/blob.bin
+    encoding: b64
+    content: {payload}
+  - path: /../../../escape.txt
+    content: stays inside
+runcmd:
+  - echo "runcmd as a string, in $(pwd)" > from-string
+  - [sh, -c, "cat $SLIPSTREAM_VM_DISK/etc/app/app.conf > from-list"]
+  - [sh, -c, "exit 3"]
+  - [no-such-program]
+packages: [htop]
+"""
+    server, _ = boot(local_cloud, ServerSpec("config", "m3.tiny", NOOP, user_data=config))
+    root = disk(local_cloud, server)
+    conf = root / "etc/app/app.conf"
+    assert conf.read_text() == "threads=4\n" and oct(conf.stat().st_mode & 0o777) == "0o600"
+    assert (root / "opt/blob.bin").read_bytes() == b"\x00binary\xff"
+    assert (root / "escape.txt").read_text() == "stays inside"  # mapped under the disk
+    assert (root / "home/from-string").read_text().strip() == f"runcmd as a string, in {root / 'home'}"
+    assert (root / "home/from-list").read_text() == "threads=4\n"
+    console = local_cloud.console_log(server.id)
+    assert "runcmd[2] exited with status 3\n" in console
+    assert "runcmd[3] exited with status 127\n" in console
+    assert "'packages' is not supported" in console
+
+
+def test_user_data_runs_once_per_instance(local_cloud):
+    server, who = boot(local_cloud, ServerSpec("once", "m3.tiny", NOOP,
+                                               user_data="#!/bin/sh\necho run >> $HOME/runs\n"))
+    local_cloud.stop_server(server.id)
+    local_cloud.start_server(server.id)
+    wait_for_servers(local_cloud, who.run_id, [server.id], timeout=20, poll_interval=0.05)
+    wait_until(lambda: local_cloud.console_log(server.id).count(FINISHED) == 2, what="second boot")
+    local_cloud.shelve_server(server.id)
+    local_cloud.unshelve_server(server.id)
+    wait_for_servers(local_cloud, who.run_id, [server.id], timeout=20, poll_interval=0.05)
+    wait_until(lambda: local_cloud.console_log(server.id).count(FINISHED) == 3, what="third boot")
+    assert (disk(local_cloud, server) / "home/runs").read_text() == "run\n"
+
+
+def test_write_files_never_leaves_the_disk_even_through_a_symlink(tmp_path):
+    root = tmp_path / "disk"
+    (root / "home").mkdir(parents=True)
+    (root / "home/out").symlink_to(tmp_path)
+    assert disk_path(root, "/etc/../../x") == (root / "x").resolve()
+    with pytest.raises(UserDataError):
+        disk_path(root, "/home/out/secret")
+
+
+# sshd ---------------------------------------------------------------------------------------
+def test_a_featured_vm_runs_sshd_on_its_address_and_prints_its_host_keys(local_cloud):
+    keypair = ssh.generate_keypair(comment="unit")
+    who = owner()
+    local_cloud.create_keypair(Keypair.name_for_run(who.run_id), keypair.public_key)
+    spec = ServerSpec("sshable", "m3.small", "Featured-Ubuntu24", key_name=Keypair.name_for_run(who.run_id))
+    server, _ = boot(local_cloud, spec, who)
+    assert server.ssh_port == (22 if os.geteuid() == 0 else 2222)
+    console = local_cloud.console_log(server.id)
+    assert "-----BEGIN SSH HOST KEY FINGERPRINTS-----" in console
+    assert "-----END SSH HOST KEY KEYS-----" in console
+    assert ssh_banner(server.address, server.ssh_port).startswith(b"SSH-2.0-OpenSSH")
+
+    target = ssh.wait_for_ssh(lambda: ssh.target_for(local_cloud.get_server(server.id), keypair,
+                                                     local_cloud.console_log(server.id)),
+                              timeout=30, poll_interval=0.2)
+    result = ssh.run_command(target, "pwd; echo $SLIPSTREAM_VM_NAME", timeout=30)
+    assert result.stdout.split() == [str(disk(local_cloud, server) / "home"), "sshable"]
+
+    # Stopping ends what SSH sessions left running (sshd puts each session in its own session).
+    ssh.run_command(target, "nohup sleep 321 > /dev/null 2>&1 &", timeout=30)
+    assert wait_until(lambda: vm_processes(server.id, b"sleep\x00321"), what="the session's sleep")
+
+    # Host keys survive stop/start, as a VM's do.
+    fingerprints = ssh.host_keys_from_console(console)
+    local_cloud.stop_server(server.id)
+    assert not vm_processes(server.id, b"sleep\x00321")
+    with pytest.raises(OSError):
+        ssh_banner(server.address, server.ssh_port)
+    local_cloud.start_server(server.id)
+    wait_for_servers(local_cloud, who.run_id, [server.id], timeout=20, poll_interval=0.05)
+    wait_until(lambda: local_cloud.console_log(server.id).count(FINISHED) == 2, what="second boot")
+    assert ssh.host_keys_from_console(local_cloud.console_log(server.id)) == fingerprints
+
+
+def test_the_noop_image_runs_no_sshd(local_cloud):
+    server, _ = boot(local_cloud, ServerSpec("quiet", "m3.tiny", NOOP))
+    assert "SSH HOST KEY" not in local_cloud.console_log(server.id)
+    with pytest.raises(OSError):
+        ssh_banner(server.address, server.ssh_port)
+
+
+def test_a_floating_ip_reaches_the_vm_until_it_is_released(local_cloud):
+    server, who = boot(local_cloud, ServerSpec("public", "m3.tiny", "Featured-Ubuntu22"))
+    fip = local_cloud.create_floating_ip(who)
+    local_cloud.attach_floating_ip(fip.id, server.id)
+    assert local_cloud.get_server(server.id).reachable_address == fip.address
+
+    def reachable() -> bool:
+        try:
+            return ssh_banner(fip.address, server.ssh_port).startswith(b"SSH-2.0-OpenSSH")
+        except OSError:
+            return False
+
+    wait_until(reachable, what="SSH through the floating IP")
+    local_cloud.delete_floating_ip(fip.id)
+    wait_until(lambda: not reachable(), what="the floating IP to stop forwarding")
