@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import timedelta
-from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import replace
-from datetime import timedelta
 
 import pytest
 
 from slipstream.cloud.errors import CapacityError, QuotaExceeded
 from slipstream.cloud.local import HostGroup, LocalCloud, LocalCloudOptions
 from slipstream.cloud.local.capacity import NO_VALID_HOST, build_hosts, place_all
-from slipstream.cloud.models import Ownership, ServerSpec, ServerStatus
+from slipstream.cloud.models import ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
 from slipstream.jetstream2 import FLAVORS, Quotas
+from support import owner
 
 S = ServerStatus
 NOOP = "slipstream-noop"
 BIG_QUOTA = Quotas(instances=50, cores=5000, ram_mb=50_000 * 1024, floating_ips=10)
 
-
-def owner() -> Ownership:
-    return Ownership.new("unit", run_id=f"t{uuid.uuid4().hex[:12]}", lease=timedelta(hours=1))
 
 
 def configure(cloud: LocalCloud, **changes) -> LocalCloud:

@@ -8,26 +8,22 @@ import os
 import subprocess
 import sys
 import textwrap
-import uuid
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from slipstream.cloud.errors import CapacityError, InvalidRequest, ServerFailed, TransientError
 from slipstream.cloud.local import FaultOptions, LocalCloud, LocalCloudOptions
-from slipstream.cloud.models import Ownership, ServerSpec, ServerStatus
+from slipstream.cloud.models import ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
 from slipstream.retry import RetryPolicy, retry
+from support import owner
 
 S = ServerStatus
 NOOP = "slipstream-noop"
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def owner() -> Ownership:
-    return Ownership.new("unit", run_id=f"t{uuid.uuid4().hex[:12]}", lease=timedelta(hours=1))
 
 
 def configure(cloud: LocalCloud, **faults) -> LocalCloud:

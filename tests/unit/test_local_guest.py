@@ -6,9 +6,6 @@ import base64
 import os
 import socket
 import sys
-import time
-import uuid
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,22 +14,13 @@ from slipstream import ssh
 from slipstream.cloud.local.userdata import UserDataError, disk_path
 from slipstream.cloud.models import Keypair, Ownership, ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
+from support import owner, wait_until
 
 S = ServerStatus
 NOOP = "slipstream-noop"
 FINISHED = "Cloud-init v. 24.4 (slipstream-local) finished"
 
 
-def owner() -> Ownership:
-    return Ownership.new("unit", run_id=f"t{uuid.uuid4().hex[:12]}", lease=timedelta(hours=1))
-
-
-def wait_until(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not (result := predicate()):
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        time.sleep(0.02)
-    return result
 
 
 def boot(cloud, spec: ServerSpec, who: Ownership | None = None, finished: int = 1):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import pickle
-import time
 import uuid
 from datetime import timedelta
 
@@ -17,30 +16,21 @@ from slipstream.cloud.errors import Conflict, InvalidRequest, NotFound
 from slipstream.cloud.local import LocalCloud, LocalCloudOptions
 from slipstream.cloud.local.processes import guest_alive
 from slipstream.cloud.local.base import guest_of
-from slipstream.cloud.models import OWNER_TAG, Ownership, ServerSpec, ServerStatus
+from slipstream.cloud.models import OWNER_TAG, ServerSpec, ServerStatus
 from slipstream.cloud.port import CloudProvider
 from slipstream.cloud.waiting import wait_for_servers
 from slipstream.jetstream2 import FLAVORS
+from support import owner
 
 S = ServerStatus
 NOOP = "slipstream-noop"
 
-
-def owner() -> Ownership:
-    return Ownership.new("unit", run_id=f"t{uuid.uuid4().hex[:12]}", lease=timedelta(hours=1))
 
 
 def wait(cloud, who, servers, status=S.ACTIVE, timeout=20.0):
     return wait_for_servers(cloud, who.run_id, [s.id for s in servers], status=status,
                             timeout=timeout, poll_interval=0.05)
 
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not (result := predicate()):
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        time.sleep(0.02)
-    return result
 
 
 def guest(cloud, server_id):

@@ -9,32 +9,21 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
-from datetime import timedelta
 from pathlib import Path
 
 from slipstream.cloud.local import LocalCloud
 from slipstream.cloud.local.processes import proc_stat
 from slipstream.cloud.local.store import utc_iso
-from slipstream.cloud.models import Ownership, ServerSpec, ServerStatus
+from slipstream.cloud.models import ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
+from support import owner, wait_until
 
 S = ServerStatus
 NOOP = "slipstream-noop"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def owner() -> Ownership:
-    return Ownership.new("unit", run_id=f"t{uuid.uuid4().hex[:12]}", lease=timedelta(hours=1))
-
-
-def wait_until(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not (result := predicate()):
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        time.sleep(0.02)
-    return result
 
 
 def python(code: str, home: Path, **kwargs) -> subprocess.Popen:
