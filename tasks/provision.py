@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 
 from slipstream import progress
 from slipstream.cloud.models import FloatingIP, Keypair, Server, ServerSpec, ServerStatus
-from slipstream.cloud.waiting import wait_for_servers
+from slipstream.cloud.waiting import wait_for_floating_ip, wait_for_servers
 from slipstream.lease import Lease
 from tasks import CLOUD_TASK_OPTIONS
 
@@ -51,5 +51,6 @@ def attach_floating_ip(lease: Lease, server: Server) -> Server:
     """Give ``server`` a public (floating) address from the cloud's external network."""
     fip: FloatingIP = lease.create_floating_ip()
     lease.cloud.attach_floating_ip(fip.id, server.id)
+    server = wait_for_floating_ip(lease.cloud, server.id, fip.address)
     get_run_logger().info("%s reachable at %s", server.name, fip.address)
-    return lease.cloud.get_server(server.id)
+    return server

@@ -77,3 +77,30 @@ def wait_for_servers(
                 hint="Raise the boot timeout, or check the cloud's status page.",
             )
         sleep(poll_interval)
+
+
+def wait_for_floating_ip(
+    cloud: CloudProvider,
+    server_id: str,
+    address: str,
+    *,
+    timeout: float = 60.0,
+    poll_interval: float = 0.5,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Server:
+    """Wait until Nova shows ``address`` on the server: Neutron tells Nova about a new floating IP
+    a moment after the attach call returns, and SSH must go to the public address, not the fixed one."""
+    deadline = clock() + timeout
+    while True:
+        server = cloud.get_server(server_id)
+        if server.floating_ip == address:
+            return server
+        if clock() >= deadline:
+            raise WaitTimeout(
+                f"floating IP {address} not shown on the server after {timeout:.0f} s",
+                resource=server.name,
+                cloud=cloud.name,
+                hint="Neutron may be slow; check `openstack server show` and try again.",
+            )
+        sleep(poll_interval)
