@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from blocks import load_cloud
 from slipstream import jetstream2, progress, ssh
 from slipstream.accounting import MeteredServer
-from slipstream.cloud.models import Keypair, Ownership
+from slipstream.cloud.models import Ownership
 from slipstream.lease import HeldResource, Lease
 from slipstream.vmjob import REMOTE_JOB_DIR, plan_vm_job
 from tasks.events import resource_event_emitter
@@ -99,8 +99,8 @@ def vm_job(
     lease = Lease(provider, owner, on_event=resource_event_emitter(owner, provider.name))
     try:
         with lease:
-            register_keypair(lease, keypair.public_key)
-            spec = replace(plan.spec, key_name=Keypair.name_for_run(owner.run_id))
+            registered = register_keypair(lease, keypair.public_key)
+            spec = replace(plan.spec, key_name=registered.name)
             (server,) = wait_until_active(lease, provision_servers(lease, spec), timeout=boot_timeout_seconds)
             server = attach_floating_ip(lease, server)
             target = wait_for_ssh(provider, server, keypair, timeout=boot_timeout_seconds)
