@@ -12,12 +12,15 @@ Only ``demo`` needs Prefect; everything else answers without starting it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table
+
+from slipstream.commands import COMMAND_MODULES
 
 console = Console()
 
@@ -94,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("lab", help="the OpenStack lab (root, Debian/Ubuntu)")
     lab.add_argument("action", choices=["up", "down", "status"])
     lab.set_defaults(func=cmd_lab)
+    for module in COMMAND_MODULES:
+        importlib.import_module(f"slipstream.commands.{module}").add_parser(sub)
     return parser
 
 

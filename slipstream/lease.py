@@ -262,6 +262,23 @@ class Lease:
             time.sleep(0.2)
 
 
+def teardown_run(
+    cloud: CloudProvider,
+    run_id: str,
+    *,
+    ledger: Ledger | None = None,
+    on_event: EventCallback | None = None,
+    retry_policy: RetryPolicy = DEFAULT_RETRY,
+) -> TeardownProof:
+    """Delete everything tagged with ``run_id`` on ``cloud`` and prove it, without the run's Lease.
+
+    For code that outlives or replaces the process that held the lease: Prefect's cancellation
+    and crash hooks, and the reaper. Idempotent: a run with nothing left yields a clean proof.
+    """
+    owner = Ownership(run_id=run_id, pipeline="teardown", creator="slipstream", expires_at=datetime.now(UTC))
+    return Lease(cloud, owner, ledger=ledger, on_event=on_event, retry_policy=retry_policy).teardown()
+
+
 def _detail(res: object) -> str:
     if isinstance(res, Server):
         return res.flavor
