@@ -8,13 +8,20 @@ Ctrl-C or on cancellation — and publishes a teardown proof.
 From Python::
 
     from flows.vm_job import gpu_job
-    gpu_job(command="nvidia-smi && python3 train.py", inputs=["train.py"], outputs=["model.pt"])
+    gpu_job(command="nvidia-smi && python3 train.py", inputs=["train.py"], outputs=["model.pt"],
+            max_hours=4, budget_su=100)    # refused before booting if 4 h could cost more
+
+A budget (``budget_su``, or the run budget of a saved ``allocation``) is checked before anything
+is created: a worst case (servers × ``max_hours``) over it, or over the allocation's balance for
+the flavour's ACCESS resource, fails the flow at once unless ``override_budget=True``. While the
+job runs a watchdog meters it, emits ``slipstream.budget.threshold`` events, and tears the run
+down when the budget is spent.
 
 From the Prefect UI the typed parameters render as a form (see ``prefect.yaml``).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: `flow.serve()` pickles the flow function by
+# value into the run's process, and string annotations (FlavorName...) would not resolve there.
 from dataclasses import replace
 from datetime import timedelta
 from typing import Literal
@@ -25,11 +32,13 @@ from pydantic import BaseModel
 
 from blocks import load_cloud
 from slipstream import jetstream2, progress, ssh
-from slipstream.accounting import MeteredServer
+from slipstream.accounting import MeteredServer, PlannedServers
 from slipstream.cloud.models import Ownership
 from slipstream.lease import HeldResource, Lease
 from slipstream.vmjob import REMOTE_JOB_DIR, plan_vm_job
+from tasks.budget import budget_spent_error, guard_budget, start_budget_watchdog
 from tasks.events import resource_event_emitter
+from tasks.hooks import TEARDOWN_HOOKS
 from tasks.provision import attach_floating_ip, provision_servers, register_keypair, wait_until_active
 from tasks.remote import download_outputs, run_remote_command, upload_inputs, wait_for_ssh
 from tasks.report import report_run
@@ -48,12 +57,13 @@ class VmJobResult(BaseModel):
     resources: list[HeldResource]
     su_estimated: float
     su_spent: float
+    su_budget: float | None = None
     metered: list[MeteredServer]
     teardown_clean: bool
     teardown_remaining: dict[str, list[str]]
 
 
-@flow(name="vm-job", log_prints=True)
+@flow(name="vm-job", log_prints=True, **TEARDOWN_HOOKS)
 def vm_job(
     flavor: FlavorName = "m3.small",
     command: str | None = None,
@@ -67,6 +77,10 @@ def vm_job(
     results_dir: str = "results",
     boot_timeout_seconds: float = 900.0,
     pipeline: str = "vm-job",
+    budget_su: float | None = None,
+    allocation: str | None = None,
+    override_budget: bool = False,
+    budget_check_seconds: float = 60.0,
 ) -> VmJobResult:
     """Boot one VM of ``flavor``, upload ``inputs``, run ``command`` (or ``script``), download
     ``outputs`` into ``results_dir``, and delete everything.
@@ -84,6 +98,10 @@ def vm_job(
         results_dir: Local directory for the outputs.
         boot_timeout_seconds: How long to wait for the VM to be ACTIVE and reachable.
         pipeline: Pipeline name stamped on every resource (used by `slipstream ls` and the reaper).
+        budget_su: Most SUs this run may spend (default: the allocation's run budget, if any).
+        allocation: A saved allocation block (its balances, run budget and warning thresholds).
+        override_budget: Run even if the worst case is over the budget or the balance.
+        budget_check_seconds: How often the budget watchdog meters the run.
     """
     logger = get_run_logger()
     provider = load_cloud(cloud)
@@ -92,43 +110,58 @@ def vm_job(
         inputs=inputs or [], outputs=outputs or [], max_hours=max_hours, results_dir=results_dir,
     )
     logger.info("plan: 1 x %s on %s for at most %.1f h: worst case %.2f SU", flavor, provider.name, max_hours, plan.worst_case_su)
+    budget_su, held_allocation = guard_budget([PlannedServers(plan.flavor, plan.spec.count, max_hours)],
+                                              budget_su, allocation, override_budget)
 
     owner = Ownership.new(pipeline, run_id=str(flow_run.get_id() or "") or None,
                           lease=timedelta(hours=max_hours * 1.5 + 0.5))
     keypair = ssh.generate_keypair(comment=f"slipstream-{owner.run_id}")
     lease = Lease(provider, owner, on_event=resource_event_emitter(owner, provider.name))
+    lease.ledger.record_worst_case(owner.run_id, pipeline, provider.name, plan.worst_case_su)
+    watchdog = None
     try:
         with lease:
-            registered = register_keypair(lease, keypair.public_key)
-            spec = replace(plan.spec, key_name=registered.name)
-            (server,) = wait_until_active(lease, provision_servers(lease, spec), timeout=boot_timeout_seconds)
-            server = attach_floating_ip(lease, server)
-            target = wait_for_ssh(provider, server, keypair, timeout=boot_timeout_seconds)
-            progress.report("work", 0, 3, "uploading inputs")
-            upload_inputs(target, [*plan.inputs, *([plan.script] if plan.script else [])], REMOTE_JOB_DIR)
-            progress.report("work", 1, 3, f"running: {plan.command[:40]}")
-            result = run_remote_command(target, plan.command, REMOTE_JOB_DIR, timeout=max_hours * 3600)
-            progress.report("work", 2, 3, "downloading outputs")
-            got = download_outputs(target, list(plan.outputs), REMOTE_JOB_DIR, plan.results_dir)
-            progress.report("work", 3, 3, "done")
-            progress.report("teardown", 0, 1, "deleting everything the run created")
+            watchdog = start_budget_watchdog(lease, budget_su, allocation=held_allocation, interval=budget_check_seconds)
+            try:
+                registered = register_keypair(lease, keypair.public_key)
+                spec = replace(plan.spec, key_name=registered.name)
+                (server,) = wait_until_active(lease, provision_servers(lease, spec), timeout=boot_timeout_seconds)
+                server = attach_floating_ip(lease, server)
+                target = wait_for_ssh(provider, server, keypair, timeout=boot_timeout_seconds)
+                progress.report("work", 0, 3, "uploading inputs")
+                upload_inputs(target, [*plan.inputs, *([plan.script] if plan.script else [])], REMOTE_JOB_DIR)
+                progress.report("work", 1, 3, f"running: {plan.command[:40]}")
+                result = run_remote_command(target, plan.command, REMOTE_JOB_DIR, timeout=max_hours * 3600)
+                progress.report("work", 2, 3, "downloading outputs")
+                got = download_outputs(target, list(plan.outputs), REMOTE_JOB_DIR, plan.results_dir)
+                progress.report("work", 3, 3, "done")
+                progress.report("teardown", 0, 1, "deleting everything the run created")
+            finally:  # metering ends with the work, so the lease's own teardown is never "over budget"
+                if watchdog is not None:
+                    watchdog.stop()
+    except Exception as err:
+        if watchdog is not None and watchdog.exhausted:
+            raise budget_spent_error(watchdog) from err
+        raise
     finally:
         # Runs on failure too: the researcher sees what was created, what it cost and the proof.
         if lease.proof is not None:
-            metered = report_run(provider, pipeline, lease.proof, plan.worst_case_su)
+            metered = report_run(provider, pipeline, lease.proof, plan.worst_case_su, budget_su)
     proof = lease.proof
     progress.report("teardown", 1, 1, "clean" if proof.clean else "INCOMPLETE")
     if not proof.clean:
         raise RuntimeError(proof.summary())
+    if watchdog is not None and watchdog.exhausted:
+        raise budget_spent_error(watchdog)
     return VmJobResult(
         run_id=owner.run_id, cloud=provider.name, exit_status=result.exit_status,
         stdout_tail="\n".join(result.stdout.splitlines()[-20:]), outputs=[str(p) for p in got],
         resources=proof.deleted, su_estimated=plan.worst_case_su, su_spent=sum(m.su for m in metered),
-        metered=metered, teardown_clean=proof.clean, teardown_remaining=proof.remaining,
+        metered=metered, teardown_clean=proof.clean, teardown_remaining=proof.remaining, su_budget=budget_su,
     )
 
 
-@flow(name="gpu-job", log_prints=True)
+@flow(name="gpu-job", log_prints=True, **TEARDOWN_HOOKS)
 def gpu_job(
     command: str | None = None,
     script: str | None = None,
@@ -138,13 +171,17 @@ def gpu_job(
     cloud: str = "local",
     max_hours: float = 1.0,
     results_dir: str = "results",
+    budget_su: float | None = None,
+    allocation: str | None = None,
+    override_budget: bool = False,
 ) -> VmJobResult:
     """A VM job on an A100 vGPU slice (g3.small … g3.xl). Never suspended: Jetstream2 forbids it."""
     return vm_job(flavor=flavor, command=command, script=script, inputs=inputs, outputs=outputs,
-                  cloud=cloud, max_hours=max_hours, results_dir=results_dir, name="gpu-job", pipeline="gpu-job")
+                  cloud=cloud, max_hours=max_hours, results_dir=results_dir, name="gpu-job", pipeline="gpu-job",
+                  budget_su=budget_su, allocation=allocation, override_budget=override_budget)
 
 
-@flow(name="large-memory-job", log_prints=True)
+@flow(name="large-memory-job", log_prints=True, **TEARDOWN_HOOKS)
 def large_memory_job(
     command: str | None = None,
     script: str | None = None,
@@ -154,11 +191,15 @@ def large_memory_job(
     cloud: str = "local",
     max_hours: float = 1.0,
     results_dir: str = "results",
+    budget_su: float | None = None,
+    allocation: str | None = None,
+    override_budget: bool = False,
 ) -> VmJobResult:
     """A VM job on a large-memory flavour (r3.large: 500 GB, r3.xl: 1000 GB RAM)."""
     return vm_job(flavor=flavor, command=command, script=script, inputs=inputs, outputs=outputs,
                   cloud=cloud, max_hours=max_hours, results_dir=results_dir, name="large-memory-job",
-                  pipeline="large-memory-job")
+                  pipeline="large-memory-job", budget_su=budget_su, allocation=allocation,
+                  override_budget=override_budget)
 
 
 if __name__ == "__main__":

@@ -6,16 +6,18 @@ for every hour a server exists (rates and fractions in :mod:`slipstream.jetstrea
 - :func:`estimate` — the worst case of a plan: every server ACTIVE for the whole walltime.
 - :func:`meter` — what one server really cost, from its lifecycle (status, since) timestamps:
   LocalCloud's state log, or Nova's launched/terminated times and state changes.
+- :func:`burn_rate` — what the servers a run holds cost per hour right now, given their states
+  (a shelved server burns nothing, a stopped one half).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from slipstream.cloud.models import Flavor, ServerStatus
-from slipstream.jetstream2 import su_per_hour
+from slipstream.cloud.models import Flavor, Server, ServerStatus
+from slipstream.jetstream2 import FLAVORS, su_per_hour
 
 
 @dataclass(frozen=True)
@@ -84,3 +86,23 @@ def _hours_in(state_log: StateLog, wanted: ServerStatus, until: datetime | None)
         if status == wanted:
             total += max(0.0, ((nxt[1] if nxt else end) - since).total_seconds() / 3600)
     return total
+
+
+def burn_rate(servers: Iterable[Server], flavors: Mapping[str, Flavor] | None = None) -> float:
+    """SUs per hour ``servers`` cost now: each one's flavour rate × its status's charge fraction.
+
+    ``flavors`` is the cloud's catalogue by name (Jetstream2's table when a name is missing).
+    """
+    total = 0.0
+    for server in servers:
+        flavor = (flavors or {}).get(server.flavor) or FLAVORS.get(server.flavor)
+        if flavor is None:
+            raise ValueError(f"server {server.name} has flavour {server.flavor!r}, which has no known SU rate")
+        total += su_per_hour(flavor, server.status)
+    return total
+
+
+def run_burn_rate(cloud, run_id: str) -> float:
+    """SUs per hour the servers of ``run_id`` on ``cloud`` cost now (two list calls)."""
+    flavors = {f.name: f for f in cloud.list_flavors()}
+    return burn_rate(cloud.list_servers(run_id=run_id), flavors)

@@ -1,12 +1,17 @@
 """``slipstream``: the command line.
 
     slipstream demo                 run the demo pipeline on the embedded local cloud
-    slipstream ls [--all]           resources slipstream owns (on the local cloud and the ledger)
+    slipstream ls                   resources slipstream owns, on every configured cloud
     slipstream local status         the local cloud: VMs, addresses, quota use, processes
     slipstream local reset          end every local-cloud VM by its recorded process group
     slipstream lab up|down|status   a real OpenStack control plane on this machine (root, Debian)
+    slipstream plan FLOW [k=v ...]  a flow's worst-case SUs against its budget, creating nothing
+    slipstream report RUN_ID        a run's resources, SU estimated vs spent, proof, burn chart
+    slipstream reap [--yes]         delete what finished, crashed or expired runs left behind
+    slipstream slurm ...            Slurm's power programs (resume|suspend|resume-fail) and sweep
 
-Only ``demo`` needs Prefect; everything else answers without starting it.
+Only ``demo`` needs Prefect running; ``ls`` and ``reap`` ask its API for saved clouds and run
+states when ``PREFECT_API_URL`` is set, and work from this host's records when it is not.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from slipstream.cloud.errors import CloudError
 from slipstream.commands import COMMAND_MODULES
 
 console = Console()
@@ -32,7 +38,22 @@ def _local_cloud():
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    cloud = _local_cloud()
+    """Everything slipstream owns on every configured cloud: "local" and each saved OpenStack block."""
+    from tasks.reap import configured_clouds, open_cloud, prefect_client
+
+    with prefect_client() as (client, why_not):
+        refs = configured_clouds(client)
+    if why_not:
+        console.print(f"note: {why_not}: listing the local cloud only")
+    for ref in refs:
+        try:
+            _list_owned(open_cloud(ref))
+        except CloudError as err:
+            console.print(f"[red]cannot list {ref}:[/red] {err}")
+    return 0
+
+
+def _list_owned(cloud) -> None:
     table = Table(title=f"resources owned by slipstream on {cloud.name}")
     for col in ("kind", "name", "id", "status", "run", "pipeline", "expires"):
         table.add_column(col)
@@ -57,7 +78,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
         console.print(table)
     else:
         console.print(f"nothing owned by slipstream on {cloud.name}")
-    return 0
 
 
 def cmd_local_status(args: argparse.Namespace) -> int:

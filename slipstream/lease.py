@@ -36,7 +36,7 @@ from enum import StrEnum
 from slipstream.cloud.errors import CloudError, NotFound, TransientError, WaitTimeout
 from slipstream.cloud.models import FloatingIP, Keypair, Ownership, Server, ServerSpec, Volume
 from slipstream.cloud.port import CloudProvider
-from slipstream.ledger import Ledger
+from slipstream.ledger import Ledger, this_process
 from slipstream.retry import DEFAULT_RETRY, RetryPolicy, retry
 
 log = logging.getLogger("slipstream.lease")
@@ -109,6 +109,7 @@ class Lease:
         self.on_event = on_event
         self.held: list[HeldResource] = []
         self.proof: TeardownProof | None = None
+        self._process_noted = False
 
     # context manager ----------------------------------------------------------
     def __enter__(self) -> Lease:
@@ -153,6 +154,9 @@ class Lease:
         return vol
 
     def _create(self, kind: ResourceKind, names: list[str], call: Callable[[], list]) -> list:
+        if not self._process_noted:  # so the reaper knows this run is alive while this process is
+            self.ledger.record_run_process(this_process(self.owner.run_id, self.owner.pipeline, self.cloud.name))
+            self._process_noted = True
         entry_ids = self.ledger.record_pending(self.owner.run_id, self.owner.pipeline, self.cloud.name, kind, names)
         try:
             made = call()
@@ -163,6 +167,8 @@ class Lease:
             res_id = getattr(res, "id", None) or res.name
             self.ledger.record_created(entry_id, res_id, getattr(res, "name", None) or getattr(res, "address", None))
             self._hold(kind, res_id, getattr(res, "name", "") or getattr(res, "address", ""), _detail(res))
+        if kind == ResourceKind.SERVER:  # so a crashed run's servers can still be metered by flavour
+            self.ledger.record_server_flavors(self.cloud.name, {s.id: s.flavor for s in made})
         return made
 
     def _hold(self, kind: ResourceKind, res_id: str, name: str, detail: str) -> None:
@@ -199,15 +205,18 @@ class Lease:
             found = {k: [] for k in TEARDOWN_ORDER}
         for kind in TEARDOWN_ORDER:
             targets = {h.id: h.name for h in self.held if h.kind == kind} | dict(found.get(kind, []))
+            accepted: set[str] = set()
             for res_id, name in targets.items():
                 try:
                     self._delete(kind, res_id)
+                    accepted.add(res_id)
                     deleted.append(held_by_id.get((kind, res_id), HeldResource(kind, res_id, name)))
                 except CloudError as err:
-                    errors.append(f"deleting {kind} {name or res_id} failed: {err}")
-            if kind == ResourceKind.SERVER and targets:
-                try:
-                    self._wait_servers_gone()
+                    errors.append(f"deleting {kind} {name or res_id} failed: {err} "
+                                  "(run `slipstream reap --yes` later; the reaper will retry)")
+            if kind == ResourceKind.SERVER and accepted:
+                try:  # only servers whose delete was accepted can vanish: waiting on others is futile
+                    self._wait_servers_gone(accepted)
                 except CloudError as err:
                     errors.append(str(err))
         try:
@@ -243,11 +252,11 @@ class Lease:
         if self.on_event:
             self.on_event("deleted", HeldResource(kind, res_id, res_id))
 
-    def _wait_servers_gone(self) -> None:
+    def _wait_servers_gone(self, server_ids: set[str]) -> None:
         deadline = time.monotonic() + self.delete_timeout
         while True:
             try:
-                left = self.cloud.list_servers(run_id=self.owner.run_id)
+                left = [s for s in self.cloud.list_servers(run_id=self.owner.run_id) if s.id in server_ids]
             except TransientError:
                 left = [None]
             if not left:

@@ -11,6 +11,8 @@ SQLite in WAL mode, so a flow, the CLI and a reaper can use it at the same time.
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -35,6 +37,33 @@ CREATE TABLE IF NOT EXISTS entries (
     deleted_at  TEXT
 );
 CREATE INDEX IF NOT EXISTS entries_run ON entries (run_id);
+-- What a run's cost report needs that the cloud may forget (slipstream report, runreport.py):
+-- the planned worst case, and each server's flavour (Nova forgets it once a server is deleted).
+CREATE TABLE IF NOT EXISTS run_worst_cases (
+    run_id        TEXT PRIMARY KEY,
+    pipeline      TEXT NOT NULL,
+    cloud         TEXT NOT NULL,
+    worst_case_su REAL NOT NULL,
+    recorded_at   TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS server_flavors (
+    cloud     TEXT NOT NULL,
+    server_id TEXT NOT NULL,
+    flavor    TEXT NOT NULL,
+    PRIMARY KEY (cloud, server_id)
+);
+-- Which process on which host holds a run's lease, so the reaper can tell a live plain-Python
+-- run (whose generated id Prefect never heard of) from one whose process is gone.
+CREATE TABLE IF NOT EXISTS run_processes (
+    run_id      TEXT NOT NULL,
+    pipeline    TEXT NOT NULL,
+    cloud       TEXT NOT NULL,
+    host        TEXT NOT NULL,
+    pid         INTEGER NOT NULL,
+    pid_start   INTEGER NOT NULL,
+    started_at  TEXT NOT NULL,
+    PRIMARY KEY (run_id, host, pid, pid_start)
+);
 """
 
 
@@ -50,6 +79,29 @@ class LedgerEntry:
     state: str
     recorded_at: datetime
     deleted_at: datetime | None
+
+
+@dataclass(frozen=True)
+class RunProcess:
+    """A process that held a run's lease: ``pid`` on ``host``, identified by its start time
+    (clock ticks since boot) so that a reused pid is not mistaken for it."""
+
+    run_id: str
+    pipeline: str
+    cloud: str
+    host: str
+    pid: int
+    pid_start: int
+    started_at: datetime
+
+
+def this_process(run_id: str, pipeline: str, cloud: str) -> RunProcess:
+    """The calling process as the holder of ``run_id``'s lease."""
+    from slipstream.cloud.local.processes import proc_stat  # /proc reading lives there
+
+    me = proc_stat(os.getpid())
+    return RunProcess(run_id, pipeline, cloud, socket.gethostname(), os.getpid(), me.start if me else 0,
+                      datetime.now(UTC))
 
 
 def _now() -> str:
@@ -135,3 +187,53 @@ class Ledger:
             )
             for r in rows
         ]
+
+    # a run's cost basis, for `slipstream report` --------------------------------------------
+    def record_worst_case(self, run_id: str, pipeline: str, cloud: str, worst_case_su: float) -> None:
+        """Note the planned worst-case SUs of ``run_id`` (the latest figure wins)."""
+        with self._lock, self._connect() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO run_worst_cases (run_id, pipeline, cloud, worst_case_su, recorded_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (run_id, pipeline, cloud, float(worst_case_su), _now()),
+            )
+
+    def worst_case(self, run_id: str) -> float | None:
+        """The worst-case SUs recorded for ``run_id``, or None if none was."""
+        with self._lock, self._connect() as db:
+            row = db.execute("SELECT worst_case_su FROM run_worst_cases WHERE run_id=?", (run_id,)).fetchone()
+        return None if row is None else float(row[0])
+
+    def record_server_flavors(self, cloud: str, flavors: dict[str, str]) -> None:
+        """Note ``{server_id: flavour}`` so the servers can be metered after they are deleted."""
+        with self._lock, self._connect() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO server_flavors (cloud, server_id, flavor) VALUES (?, ?, ?)",
+                [(cloud, sid, flavor) for sid, flavor in flavors.items()],
+            )
+
+    def server_flavors(self, cloud: str) -> dict[str, str]:
+        """Every recorded ``{server_id: flavour}`` on ``cloud``."""
+        with self._lock, self._connect() as db:
+            rows = db.execute("SELECT server_id, flavor FROM server_flavors WHERE cloud=?", (cloud,)).fetchall()
+        return dict(rows)
+
+    # which process holds a run's lease, for the reaper ------------------------------------
+    def record_run_process(self, run: RunProcess) -> None:
+        """Note that ``run.pid`` on ``run.host`` holds the lease of ``run.run_id`` (idempotent)."""
+        with self._lock, self._connect() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO run_processes (run_id, pipeline, cloud, host, pid, pid_start, started_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run.run_id, run.pipeline, run.cloud, run.host, run.pid, run.pid_start,
+                 run.started_at.isoformat(timespec="milliseconds")),
+            )
+
+    def run_processes(self, run_id: str | None = None) -> list[RunProcess]:
+        """Every recorded lease-holding process (of ``run_id`` if given), oldest first."""
+        sql, args = "SELECT run_id, pipeline, cloud, host, pid, pid_start, started_at FROM run_processes", ()
+        if run_id:
+            sql, args = sql + " WHERE run_id=?", (run_id,)
+        with self._lock, self._connect() as db:
+            rows = db.execute(sql + " ORDER BY started_at", args).fetchall()
+        return [RunProcess(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), datetime.fromisoformat(r[6])) for r in rows]

@@ -1,4 +1,4 @@
-"""Prefect events for resources: ``slipstream.resource.created`` / ``slipstream.resource.deleted``.
+"""Prefect events for resources: ``slipstream.resource.created`` / ``.deleted`` / ``.leaked``.
 
 Automations can react to them (for instance, alert when a GPU server lives longer than a day).
 Resource ids look like ``slipstream.server.<id>``; the run id and cloud are related resources.
@@ -34,3 +34,25 @@ def resource_event_emitter(owner: Ownership, cloud_name: str):
         )
 
     return emit
+
+
+def emit_leaked(cloud_name: str, run_id: str, pipeline: str, kind: str, resource_id: str, name: str, *,
+                state: str, reason: str) -> None:
+    """``slipstream.resource.leaked``: the reaper found ``resource_id`` owned by a run that is not
+    live (or whose lease expired) — one event per resource, whether or not it then deleted it."""
+    emit_event(
+        event="slipstream.resource.leaked",
+        resource={
+            "prefect.resource.id": f"slipstream.{kind}.{resource_id}",
+            "prefect.resource.name": name,
+            "slipstream.cloud": cloud_name,
+        },
+        related=[
+            {
+                "prefect.resource.id": f"slipstream.run.{run_id}",
+                "prefect.resource.role": "run",
+                "slipstream.pipeline": pipeline,
+            }
+        ],
+        payload={"kind": kind, "run_state": state, "reason": reason},
+    )

@@ -1,33 +1,58 @@
-"""What a run shows in the Prefect UI: resources held, SUs estimated vs spent, the teardown proof.
+"""What a run shows in the Prefect UI: resources held, SUs estimated vs spent, the teardown proof
+and a burn chart.
 
-Artifact keys are stable per pipeline (``<pipeline>-resources``, ``-cost``, ``-teardown-proof``)
-so the UI's Artifacts page shows their history run after run.
+Artifact keys are stable per pipeline (``<pipeline>-resources``, ``-cost``, ``-teardown-proof``,
+``-burn-chart``) so the UI's Artifacts page shows their history run after run.
+
+The burn chart is a Markdown artifact embedding the PNG as a ``data:image/png`` URI: Prefect's
+image artifact only takes a URL the browser can fetch, which a run on a laptop or a worker does
+not have, while both Prefect 3.9 UIs render ``data:image/…`` sources in Markdown artifacts (the
+React UI whitelists exactly that prefix for ``<img src>``). The same files ``slipstream report``
+writes are also kept under ``$SLIPSTREAM_HOME/reports/<run id>/``, so they survive the server.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NONE
 
-from slipstream.accounting import MeteredServer, meter_servers
+from slipstream.accounting import MeteredServer
 from slipstream.cloud.port import CloudProvider
 from slipstream.lease import ResourceKind, TeardownProof
+from slipstream.ledger import Ledger
+from slipstream.runreport import RunReport, gather_run_report, reports_dir, write_report_files
+from tasks import CLOUD_TASK_OPTIONS
 
 
 def _key(pipeline: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{pipeline}-{what}".lower()).strip("-")
 
 
-@task(name="report-run", cache_policy=NONE)
-def report_run(cloud: CloudProvider, pipeline: str, proof: TeardownProof, estimated_su: float) -> list[MeteredServer]:
-    """Publish the run's resources, cost and teardown proof as artifacts; return the SU meter."""
+def _round(value: float | None, digits: int = 5) -> float | str:
+    return "" if value is None else round(value, digits)
+
+
+@task(name="report-run", **CLOUD_TASK_OPTIONS)
+def report_run(
+    cloud: CloudProvider, pipeline: str, proof: TeardownProof, estimated_su: float, budget_su: float | None = None,
+) -> list[MeteredServer]:
+    """Publish the run's resources, cost, teardown proof and burn chart as artifacts, keep the
+    report files on this machine, and return the SU meter of each server."""
     logger = get_run_logger()
-    servers = [(r.id, r.name, r.detail) for r in proof.deleted if r.kind == ResourceKind.SERVER and r.detail]
-    metered = meter_servers(cloud, servers)
-    spent = sum(m.su for m in metered)
+    ledger = Ledger()
+    # Recorded for `slipstream report`: Nova forgets a deleted server's flavour, and the plan
+    # lives only in this flow run.
+    ledger.record_worst_case(proof.run_id, pipeline, cloud.name, estimated_su)
+    ledger.record_server_flavors(cloud.name, {r.id: r.detail for r in proof.deleted
+                                              if r.kind == ResourceKind.SERVER and r.detail})
+    report = gather_run_report(cloud, proof.run_id, ledger=ledger)
+    png = report.burn_chart_png(budget_su=budget_su)
+    saved = reports_dir(proof.run_id)
+    write_report_files(report, saved, png=png)
+
     create_table_artifact(
         key=_key(pipeline, "resources"),
         table=[
@@ -39,11 +64,23 @@ def report_run(cloud: CloudProvider, pipeline: str, proof: TeardownProof, estima
     )
     create_table_artifact(
         key=_key(pipeline, "cost"),
-        table=[{"server": m.name, "flavor": m.flavor, "active_hours": round(m.hours_active, 5),
-                "su_spent": round(m.su, 5)} for m in metered]
-        + [{"server": "TOTAL", "flavor": "", "active_hours": "", "su_spent": round(spent, 5)}],
-        description=f"SUs at Jetstream2 rates: estimated worst case {estimated_su:.2f}, spent {spent:.4f}.",
+        table=[{"server": s.name, "flavor": s.flavor, "su_estimated": _round(s.su_estimated),
+                "su_spent": _round(s.su_spent), "active_hours": _round(s.hours_active)} for s in report.servers]
+        + [{"server": "TOTAL", "flavor": "", "su_estimated": round(estimated_su, 5),
+            "su_spent": round(report.su_spent, 5), "active_hours": ""}],
+        description=f"SUs at Jetstream2 rates: estimated worst case {estimated_su:.2f}, spent {report.su_spent:.4f}.",
     )
+    _teardown_artifact(pipeline, proof)
+    create_markdown_artifact(key=_key(pipeline, "burn-chart"), markdown=_burn_markdown(report, png, budget_su, saved),
+                             description=f"Cumulative SUs of run {proof.run_id} over time.")
+    for note in report.notes:
+        logger.warning("report: %s", note)
+    logger.info("SU: estimated worst case %.2f, spent %.4f; %s; report files in %s",
+                estimated_su, report.su_spent, proof.summary(), saved)
+    return report.metered()
+
+
+def _teardown_artifact(pipeline: str, proof: TeardownProof) -> None:
     remaining = "\n".join(f"| {k} | {', '.join(v) or '—'} |" for k, v in proof.remaining.items())
     create_markdown_artifact(
         key=_key(pipeline, "teardown-proof"),
@@ -55,5 +92,15 @@ def report_run(cloud: CloudProvider, pipeline: str, proof: TeardownProof, estima
         ),
         description="What is left of this run on the cloud after teardown (must be nothing).",
     )
-    logger.info("SU: estimated worst case %.2f, spent %.4f; %s", estimated_su, spent, proof.summary())
-    return metered
+
+
+def _burn_markdown(report: RunReport, png: bytes, budget_su: float | None, saved) -> str:
+    worst = f" of a worst case of **{report.worst_case_su:.2f} SU** planned" if report.worst_case_su is not None else ""
+    budget = f", run budget **{budget_su:.2f} SU**" if budget_su is not None else ""
+    data_uri = f"data:image/png;base64,{base64.b64encode(png).decode()}"
+    return (
+        f"## SUs spent by run {report.run_id}\n\n"
+        f"![Cumulative SUs of run {report.run_id} over time]({data_uri})\n\n"
+        f"Spent **{report.su_spent:.4f} SU**{worst}{budget}. Saved as `{saved}/burn.png`; "
+        f"`slipstream report {report.run_id}` writes it again with the tables.\n"
+    )

@@ -53,3 +53,26 @@ def local_cloud(tmp_path) -> Iterator[LocalCloud]:
         if time.monotonic() > deadline:
             pytest.fail(f"LocalCloud processes still running after reset(): {sorted(left)}")
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def prefect_harness() -> Iterator[str]:
+    """A temporary Prefect server (SQLite) for one test module; yields its API URL.
+
+    Module scope, not session: each module gets an empty server, so blocks, events and artifacts
+    one module saves never leak into another's assertions. Use it with
+    ``pytestmark = pytest.mark.usefixtures("prefect_harness")``.
+    """
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def cloud_env(local_cloud, monkeypatch, tmp_path) -> LocalCloud:
+    """Flows called with ``cloud="local"`` use this test's LocalCloud and a private slipstream home."""
+    monkeypatch.setenv("SLIPSTREAM_LOCAL_HOME", str(local_cloud.home))
+    monkeypatch.setenv("SLIPSTREAM_HOME", str(tmp_path / "slipstream"))
+    return local_cloud

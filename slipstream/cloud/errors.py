@@ -10,6 +10,8 @@ that flows, retries and the reaper can decide what to do without knowing which c
 - :class:`NotFound`, :class:`Conflict`, :class:`InvalidRequest` — as their names say.
 - :class:`WaitTimeout` — a resource did not reach the wanted state before its deadline.
 - :class:`ServerFailed` — a server went to ERROR.
+- :class:`BudgetExceeded` — a plan would cost more SUs than the run budget or the balance allows,
+  or a run spent its budget.
 
 Every error carries the resource, the cloud and a hint that tells the user what to do next.
 """
@@ -70,6 +72,11 @@ class InvalidRequest(CloudError):
 
 class WaitTimeout(CloudError):
     """A resource did not reach the wanted state before the deadline."""
+
+
+class BudgetExceeded(CloudError):
+    """A plan's worst case is over the run budget or the allocation's balance (refused before
+    anything is created), or a running job spent its budget (torn down)."""
 
 
 class ServerFailed(CloudError):

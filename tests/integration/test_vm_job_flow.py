@@ -5,22 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from slipstream.cloud.errors import InvalidRequest
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture
-def cloud_env(local_cloud, monkeypatch, tmp_path):
-    monkeypatch.setenv("SLIPSTREAM_LOCAL_HOME", str(local_cloud.home))
-    monkeypatch.setenv("SLIPSTREAM_HOME", str(tmp_path / "slipstream"))
-    return local_cloud
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def test_vm_job_runs_a_script_brings_results_back_and_leaves_nothing(cloud_env, tmp_path):

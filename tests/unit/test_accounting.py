@@ -59,3 +59,55 @@ def test_unknown_family_has_no_rate_and_says_which_exist():
 
     with pytest.raises(ValueError, match="known families: g3, g4, g5, m3, r3"):
         su_per_hour(Flavor("x9.huge", 4, 1024, 10))
+
+
+def _server(name: str, flavor: str, status: ServerStatus):
+    from slipstream.cloud.models import Server
+
+    return Server(id=name, name=name, status=status, flavor=flavor, image="Featured-Ubuntu24")
+
+
+def test_burn_rate_is_what_the_held_servers_cost_per_hour_in_their_states():
+    from slipstream.accounting import burn_rate
+
+    servers = [
+        _server("train", "g3.large", ServerStatus.ACTIVE),  # 32 SU/h
+        _server("idle", "m3.medium", ServerStatus.SHUTOFF),  # 8 SU/h at half price
+        _server("parked", "r3.large", ServerStatus.SHELVED_OFFLOADED),  # nothing
+        _server("booting", "m3.quad", ServerStatus.BUILD),  # nothing yet
+    ]
+    assert burn_rate(servers) == 32 + 4
+
+
+def test_burn_rate_names_a_flavour_without_a_rate():
+    from slipstream.accounting import burn_rate
+
+    with pytest.raises(ValueError, match="server odd has flavour 'x9.huge'"):
+        burn_rate([_server("odd", "x9.huge", ServerStatus.ACTIVE)])
+
+
+def test_run_burn_rate_on_the_local_cloud_follows_stop_and_shelve(local_cloud, tmp_path):
+    from support import owner
+
+    from slipstream.accounting import run_burn_rate
+    from slipstream.cloud.models import ServerSpec
+    from slipstream.cloud.waiting import wait_for_servers
+    from slipstream.lease import Lease
+    from slipstream.ledger import Ledger
+
+    who = owner("burn")
+
+    def wait(status: ServerStatus) -> None:
+        wait_for_servers(local_cloud, who.run_id, [server.id], status=status, timeout=30, poll_interval=0.05)
+
+    with Lease(local_cloud, who, ledger=Ledger(tmp_path / "ledger.db")) as lease:
+        (server,) = lease.create_servers(ServerSpec("burn", "m3.medium", "slipstream-noop"))
+        wait(ServerStatus.ACTIVE)
+        assert run_burn_rate(local_cloud, who.run_id) == 8
+        local_cloud.stop_server(server.id)
+        wait(ServerStatus.SHUTOFF)
+        assert run_burn_rate(local_cloud, who.run_id) == 4
+        local_cloud.shelve_server(server.id)
+        wait(ServerStatus.SHELVED_OFFLOADED)
+        assert run_burn_rate(local_cloud, who.run_id) == 0
+    assert lease.proof.clean and local_cloud.list_servers(run_id=who.run_id) == []

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from keystoneauth1 import exceptions as ks_exc
+
+from slipstream.cloud.errors import CloudError, NotFound
 from slipstream.cloud.openstack.network import NetworkOperations
 from slipstream.cloud.openstack.servers import ServerOperations
 from slipstream.cloud.openstack.storage import StorageOperations
@@ -17,3 +22,33 @@ class OpenStackCloud(ServerOperations, NetworkOperations, StorageOperations):
 
     ``api_calls`` counts every HTTP request the connection sends (token requests included).
     """
+
+    def read_accounting(self) -> list[Any]:
+        """The project's allocations from Jetstream2's ``accounting`` service (JSON list; see
+        :func:`slipstream.budget.parse_accounting`): found in the Keystone catalogue, read with
+        one authenticated GET on the endpoint itself, as Exosphere does."""
+        session = self.conn.session
+        url = None
+        for region in (self.region, None):  # this region's endpoint, else any region's
+            try:
+                url = session.get_endpoint(service_type="accounting", interface="public", region_name=region)
+            except ks_exc.EndpointNotFound:
+                url = None
+            if url:
+                break
+        if not url:
+            raise NotFound(
+                "no `accounting` service in the Keystone catalogue",
+                cloud=self.name,
+                hint="Jetstream2 lists one; on other clouds give the allocation a fixed balance "
+                "(AllocationBlock balance_source='fixed').",
+            )
+        response = self._call("reading the accounting service", lambda: session.get(url, raise_exc=True))
+        try:
+            return response.json()
+        except ValueError:
+            raise CloudError(
+                f"the accounting service at {url} did not answer with JSON",
+                cloud=self.name,
+                hint="Check the catalogue's `accounting` endpoint; or use a fixed balance.",
+            ) from None

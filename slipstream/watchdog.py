@@ -1,0 +1,131 @@
+"""The budget watchdog: while a run holds servers, meter what it has spent and act on it.
+
+A background thread that, every ``interval`` seconds, lists the run's servers on the cloud (one
+call, by run id), reads each one's state log and meters it at Jetstream2 rates
+(:func:`slipstream.accounting.meter_servers`) — servers it saw earlier are still metered after
+they are deleted, so the total never goes down. Then:
+
+- ``on_threshold(fraction, spent, budget)`` once for each configured share of the budget the run
+  has crossed (in order, also when one round crosses several);
+- ``on_exhausted(spent, budget)`` once, when ``spent >= budget``; the watchdog stops watching.
+  The caller decides what that means — the flows tear the run down (``teardown_run``) and fail
+  with a "budget spent" error.
+
+One failed round (the cloud did not answer) is logged and the next round tries again. The thread
+is a daemon, stops on :meth:`BudgetWatchdog.stop` or after ``max_seconds``, and never outlives
+its ``with`` block::
+
+    with BudgetWatchdog(cloud, run_id, budget_su=10, interval=60,
+                        on_threshold=warn, on_exhausted=tear_down):
+        ...  # the run's work
+
+No Prefect here: the Prefect layer (``tasks/budget.py``) turns the callbacks into events.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from slipstream.accounting import burn_rate, meter_servers
+from slipstream.cloud.port import CloudProvider
+
+log = logging.getLogger("slipstream.watchdog")
+
+ThresholdCallback = Callable[[float, float, float], None]
+"""Told ``(fraction, spent_su, budget_su)`` when the run crosses ``fraction`` of its budget."""
+ExhaustedCallback = Callable[[float, float], None]
+"""Told ``(spent_su, budget_su)`` once, when the run has spent its budget."""
+
+
+class BudgetWatchdog:
+    def __init__(
+        self,
+        cloud: CloudProvider,
+        run_id: str,
+        budget_su: float,
+        *,
+        thresholds: Iterable[float] = (0.5, 0.8, 0.9),
+        interval: float = 60.0,
+        on_threshold: ThresholdCallback | None = None,
+        on_exhausted: ExhaustedCallback | None = None,
+        max_seconds: float = 7 * 24 * 3600.0,
+    ) -> None:
+        if budget_su <= 0:
+            raise ValueError(f"budget_su must be positive, got {budget_su!r}")
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, got {interval!r}")
+        self.cloud = cloud
+        self.run_id = run_id
+        self.budget_su = budget_su
+        self.thresholds = tuple(sorted(set(thresholds)))
+        self.interval = interval
+        self.on_threshold = on_threshold
+        self.on_exhausted = on_exhausted
+        self.max_seconds = max_seconds
+        self.spent = 0.0
+        self.su_per_hour = 0.0
+        self.crossed: list[float] = []
+        self.exhausted = False
+        self.rounds = 0
+        self.failed_rounds = 0
+        self._seen: dict[str, tuple[str, str]] = {}  # server id -> (name, flavour)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # one round -------------------------------------------------------------------------------
+    def check(self) -> float:
+        """Meter the run once and fire the callbacks it calls for; returns the SUs spent."""
+        servers = self.cloud.list_servers(run_id=self.run_id)
+        for s in servers:
+            self._seen.setdefault(s.id, (s.name, s.flavor))
+        metered = meter_servers(self.cloud, [(i, n, f) for i, (n, f) in self._seen.items()])
+        self.spent = max(self.spent, sum(m.su for m in metered))
+        self.su_per_hour = burn_rate(servers, {f.name: f for f in self.cloud.list_flavors()})
+        self.rounds += 1
+        for fraction in self.thresholds:
+            if fraction not in self.crossed and self.spent >= fraction * self.budget_su:
+                self.crossed.append(fraction)
+                log.warning("run %s has spent %.0f %% of its budget: %.4f of %.4f SU (burning %.2f SU/h)",
+                            self.run_id, fraction * 100, self.spent, self.budget_su, self.su_per_hour)
+                if self.on_threshold:
+                    self.on_threshold(fraction, self.spent, self.budget_su)
+        if not self.exhausted and self.spent >= self.budget_su:
+            self.exhausted = True
+            log.error("run %s has spent its budget: %.4f of %.4f SU", self.run_id, self.spent, self.budget_su)
+            if self.on_exhausted:
+                self.on_exhausted(self.spent, self.budget_su)
+        return self.spent
+
+    # the thread ------------------------------------------------------------------------------
+    def start(self) -> BudgetWatchdog:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"budget-watchdog-{self.run_id}", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop watching and wait (at most ``timeout`` s) for a round in progress to finish."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("budget watchdog of run %s still busy after %.0f s; left as a daemon", self.run_id, timeout)
+
+    def _loop(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        while not self._stop.is_set() and not self.exhausted and time.monotonic() < deadline:
+            try:
+                self.check()
+            except Exception as err:  # one bad round (cloud hiccup) must not end the watch
+                self.failed_rounds += 1
+                log.warning("budget check of run %s failed (will try again in %.0f s): %s", self.run_id, self.interval, err)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> BudgetWatchdog:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,150 @@
+"""The Prefect side of the reaper: which clouds are configured, and what Prefect knows of a run.
+
+:func:`reap_clouds` is the one pass shared by ``slipstream reap`` and the ``reaper`` flow: for
+every configured cloud it lists what slipstream owns, resolves each run through this host's
+ledger and (when reachable) the Prefect API, and — unless it is a dry run — deletes what the
+reaper's table says to. See :mod:`slipstream.reaper` for the resolution order and the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+
+from slipstream.cloud.errors import CloudError
+from slipstream.reaper import (
+    OwnedResource,
+    PrefectLookup,
+    PrefectRun,
+    PrefectUnreachable,
+    ReapReport,
+    RunResolver,
+    RunVerdict,
+    open_ledger,
+    reap,
+)
+
+log = logging.getLogger("slipstream.reaper")
+
+OPENSTACK_BLOCK_SLUG = "slipstream-openstack-credentials"
+
+LeakCallback = Callable[[str, RunVerdict, OwnedResource], None]
+
+
+@contextmanager
+def prefect_client() -> Iterator[tuple[object | None, str]]:
+    """``(sync Prefect client, "")`` if an API is configured and answers, else ``(None, why not)``.
+
+    Without ``PREFECT_API_URL`` Prefect would start a temporary server just to answer; the
+    reaper does not (it would know no runs anyway), it resolves runs from this host's records.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        yield None, "no Prefect API configured (PREFECT_API_URL is unset)"
+        return
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+        if problem is not None:
+            yield None, f"the Prefect API at {url} is not reachable ({type(problem).__name__})"
+        else:
+            yield client, ""
+
+
+def prefect_lookup(client) -> PrefectLookup:
+    """Ask ``client`` (a sync Prefect client) for a flow run's state: the resolver's Prefect seam."""
+    from prefect.exceptions import ObjectNotFound
+
+    def ask(run_id: str) -> PrefectRun | None:
+        try:
+            run = client.read_flow_run(uuid.UUID(run_id))
+        except ObjectNotFound:
+            return None
+        except Exception as err:  # noqa: BLE001 - any transport failure means "cannot ask"
+            raise PrefectUnreachable(f"{type(err).__name__}: {err}") from None
+        state = run.state
+        if state is None:
+            return PrefectRun("PENDING", "no state yet")
+        return PrefectRun(state.type.value, state.name, run.end_time)
+
+    return ask
+
+
+def configured_clouds(client, extra: Iterable[str] = ()) -> list[str]:
+    """"local", every saved OpenStackCredentials block (if Prefect answers), and ``extra``."""
+    refs = ["local"]
+    if client is not None:
+        try:
+            for doc in client.read_block_documents_by_type(OPENSTACK_BLOCK_SLUG, include_secrets=False):
+                refs.append(f"{OPENSTACK_BLOCK_SLUG}/{doc.name}")
+        except Exception as err:  # noqa: BLE001 - no such block type registered yet is normal
+            log.info("no saved OpenStack clouds: %s", err)
+    for ref in extra:
+        if ref not in refs:
+            refs.append(ref)
+    return refs
+
+
+def open_cloud(ref: str):
+    if ref in ("", "local"):
+        from slipstream.cloud.local import LocalCloud
+
+        return LocalCloud()  # no Prefect needed for the embedded cloud
+    from blocks import load_cloud
+
+    return load_cloud(ref)
+
+
+def reap_clouds(
+    refs: Iterable[str],
+    *,
+    grace: timedelta,
+    act: bool,
+    client=None,
+    prefect_note: str = "",
+    on_leak: LeakCallback | None = None,
+) -> list[ReapReport]:
+    """One reaper pass over each cloud in ``refs``; a cloud that cannot be listed gets a report
+    with a note instead of stopping the others."""
+    ledger, ledger_notes = open_ledger()
+    processes = ledger.run_processes()
+    reports = []
+    for ref in refs:
+        resolver = RunResolver(processes, ask_prefect=prefect_lookup(client) if client is not None else None)
+        if client is None and prefect_note:  # say why Prefect was not asked
+            resolver.notes = [f"{prefect_note}: runs resolved from this host's records"]
+        try:
+            cloud = open_cloud(ref)
+            report = reap(cloud, resolver, grace=grace, act=act, ledger=ledger,
+                          on_event=_deleted_logger(cloud.name))
+        except CloudError as err:
+            report = ReapReport(ref, not act, grace, datetime.now(UTC), notes=[f"cannot list {ref}: {err}"])
+        report.notes[:0] = ledger_notes
+        if on_leak is not None:
+            for verdict, resource in report.leaked:
+                on_leak(report.cloud, verdict, resource)
+        reports.append(report)
+    return reports
+
+
+def _deleted_logger(cloud_name: str):
+    def told(action: str, res) -> None:
+        log.info("%s %s %s on %s", action, res.kind, res.name, cloud_name)
+
+    return told
+
+
+def leak_event_emitter() -> LeakCallback:
+    """An ``on_leak`` callback emitting one ``slipstream.resource.leaked`` event per resource."""
+    from tasks.events import emit_leaked
+
+    def emit(cloud_name: str, verdict: RunVerdict, res: OwnedResource) -> None:
+        emit_leaked(cloud_name, verdict.run_id, verdict.pipeline, str(res.kind), res.id, res.name,
+                    state=verdict.status.state.value, reason=verdict.reason)
+
+    return emit

@@ -1,0 +1,215 @@
+"""The fault matrix: whatever the cloud does, nothing owned remains and the SUs metered are right.
+
+Each case makes the LocalCloud fail the way a busy Jetstream2 does — 503 bursts on create and on
+delete, a quota hit between two batches, no host for a GPU flavour, a boot slower than its
+deadline, a delete that keeps failing, a create whose response is lost, a run started again —
+and then checks the two promises a researcher cares about:
+
+1. nothing tagged with the run id is left on the cloud (servers, addresses, volumes, keys), and
+   the VMs' processes are gone (the ``local_cloud`` fixture fails the test otherwise);
+2. the SUs metered from the servers' state logs (``accounting.meter_servers``) are exactly what
+   Jetstream2 would charge: the flavour rate for the time each server was ACTIVE, and nothing for
+   BUILD, ERROR or after DELETED — so a VM that never booted costs 0 and a failed batch costs
+   nothing beyond its seconds.
+
+The flow cases run ``vm_job`` under Prefect's test harness; the others use the Lease directly.
+(Cancellation and crash of a deployment run are in ``test_cancellation.py``.)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+from prefect import flow
+
+from slipstream.accounting import meter_servers
+from slipstream.cloud.errors import CapacityError, QuotaExceeded, TransientError, WaitTimeout
+from slipstream.cloud.local import FaultOptions, LocalCloud
+from slipstream.cloud.models import ServerSpec, ServerStatus
+from slipstream.cloud.waiting import wait_for_servers
+from slipstream.jetstream2 import FLAVORS, Quotas, su_per_hour
+from slipstream.ledger import Ledger
+from slipstream.lease import Lease, teardown_run
+from slipstream.retry import RetryPolicy
+from support import owner
+
+S = ServerStatus
+NOOP = "slipstream-noop"
+FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
+
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def configure(cloud: LocalCloud, **faults) -> None:
+    LocalCloud(options=replace(cloud.options, faults=FaultOptions(**faults)))
+
+
+def expected_su(history) -> float:
+    """What Jetstream2 charges for one server's life: its rate while ACTIVE, nothing otherwise."""
+    rate = su_per_hour(FLAVORS[history.flavor])
+    hours = sum((nxt[1] - since).total_seconds() / 3600
+                for (status, since), nxt in zip(history.log, history.log[1:]) if status == S.ACTIVE)
+    return rate * hours
+
+
+def assert_nothing_left_and_su_right(cloud: LocalCloud, run_id: str) -> float:
+    """Both promises for ``run_id``; returns the SUs metered."""
+    assert cloud.list_servers(run_id) == [] and cloud.list_floating_ips(run_id) == []
+    assert cloud.list_volumes(run_id) == [] and cloud.list_keypairs(run_id) == []
+    histories = cloud.server_history(run_id)
+    assert all(h.log[-1][0] == S.DELETED and h.deleted_at for h in histories), histories
+    metered = meter_servers(cloud, [(h.id, h.name, h.flavor) for h in histories])
+    for h, m in zip(histories, metered):
+        assert m.su == pytest.approx(expected_su(h), rel=1e-9, abs=1e-12), (h.name, h.log)
+    return sum(m.su for m in metered)
+
+
+def run_id_of(state) -> str:
+    return str(state.state_details.flow_run_id)
+
+
+# --- through the vm_job flow -------------------------------------------------------------------
+
+def test_a_503_burst_on_create_is_retried_and_boots_exactly_one_vm(cloud_env):
+    from flows.vm_job import vm_job
+
+    cloud_env.fail_next("create_servers", 2)
+    result = vm_job(flavor="m3.tiny", command="echo survived")
+    assert result.exit_status == 0 and "survived" in result.stdout_tail
+    (history,) = cloud_env.server_history(result.run_id)  # two failed calls created nothing
+    spent = assert_nothing_left_and_su_right(cloud_env, result.run_id)
+    assert result.su_spent == pytest.approx(spent) and 0 < spent < result.su_estimated
+    assert [s for s, _ in history.log] == [S.BUILD, S.ACTIVE, S.DELETED]
+
+
+def test_a_503_burst_on_every_delete_is_retried_and_the_teardown_is_clean(cloud_env):
+    from flows.vm_job import vm_job
+
+    for op, n in (("delete_floating_ip", 2), ("delete_server", 3), ("delete_keypair", 2)):
+        cloud_env.fail_next(op, n)
+    result = vm_job(flavor="m3.tiny", command="true")
+    assert result.teardown_clean and not any(result.teardown_remaining.values())
+    assert {r.kind.value for r in result.resources} == {"server", "floating_ip", "keypair"}
+    spent = assert_nothing_left_and_su_right(cloud_env, result.run_id)
+    assert result.su_spent == pytest.approx(spent)
+
+
+def test_no_host_for_a_gpu_flavour_fails_with_what_to_do_and_costs_nothing(cloud_env):
+    from flows.vm_job import gpu_job
+
+    configure(cloud_env, no_capacity=("g3",))
+    state = gpu_job(flavor="g3.large", command="nvidia-smi", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(CapacityError) as err:
+        state.result()
+    assert "No valid host" in str(err.value) and "Try another flavour or region" in str(err.value)
+    assert "g3.large" in str(err.value)
+    (history,) = cloud_env.server_history()
+    assert [s for s, _ in history.log] == [S.BUILD, S.ERROR, S.DELETED]
+    assert assert_nothing_left_and_su_right(cloud_env, history.run_id) == 0.0
+
+
+def test_a_boot_slower_than_its_deadline_times_out_and_the_vm_is_deleted_unbilled(cloud_env):
+    from flows.vm_job import vm_job
+
+    configure(cloud_env, extra_boot_delay=60)
+    state = vm_job(flavor="m3.small", command="true", boot_timeout_seconds=1.5, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(WaitTimeout, match="Raise the boot timeout"):
+        state.result()
+    (history,) = cloud_env.server_history(run_id_of(state))
+    assert [s for s, _ in history.log] == [S.BUILD, S.DELETED]  # never ACTIVE: never charged
+    assert assert_nothing_left_and_su_right(cloud_env, run_id_of(state)) == 0.0
+
+
+# --- through the Lease -------------------------------------------------------------------------
+
+def test_a_quota_hit_by_the_second_batch_cleans_the_first_and_charges_only_its_seconds(local_cloud, tmp_path):
+    LocalCloud(options=replace(local_cloud.options, quotas=Quotas(instances=4, cores=150,
+                                                                    ram_mb=585 * 1024, floating_ips=10)))
+    who, ledger = owner("quota"), Ledger(tmp_path / "ledger.db")
+    with pytest.raises(QuotaExceeded) as err:
+        with Lease(local_cloud, who, ledger=ledger) as lease:
+            first = lease.create_servers(ServerSpec("first", "m3.small", NOOP, count=3))
+            wait_for_servers(local_cloud, who.run_id, [s.id for s in first], timeout=30, poll_interval=0.05)
+            lease.create_servers(ServerSpec("second", "m3.small", NOOP, count=3))
+    assert "instances" in str(err.value) and "Delete servers you no longer need" in str(err.value)
+    assert lease.proof.clean
+    assert sorted(h.name for h in local_cloud.server_history(who.run_id)) == ["first-1", "first-2", "first-3"]
+    assert {e.state for e in ledger.entries(who.run_id) if e.name.startswith("second")} == {"failed"}
+    spent = assert_nothing_left_and_su_right(local_cloud, who.run_id)
+    assert 0 < spent < 3 * su_per_hour(FLAVORS["m3.small"]) * 60 / 3600  # seconds, not hours
+
+
+def test_a_delete_failing_past_the_retries_is_reported_then_finished_by_run_id(local_cloud, tmp_path):
+    who, ledger = owner("stubborn"), Ledger(tmp_path / "ledger.db")
+    lease = Lease(local_cloud, who, ledger=ledger, retry_policy=FAST_RETRY)  # default 300 s: must not be waited
+    started = time.monotonic()
+    with lease:
+        (server,) = lease.create_servers(ServerSpec("stubborn", "m3.quad", NOOP))
+        wait_for_servers(local_cloud, who.run_id, [server.id], timeout=30, poll_interval=0.05)
+        local_cloud.fail_next("delete_server", FAST_RETRY.attempts + 2)  # more than one teardown retries
+    proof = lease.proof
+    assert time.monotonic() - started < 60  # no wait for a server whose delete was never accepted
+    assert not proof.clean and proof.remaining["server"] == ["stubborn"]
+    assert "teardown INCOMPLETE" in proof.summary() and "stubborn" in proof.summary()
+    assert any("503" in e for e in proof.errors) and any("slipstream reap --yes" in e for e in proof.errors)
+    assert local_cloud.get_server(server.id).status == S.ACTIVE  # still charging, and the proof says so
+
+    again = teardown_run(local_cloud, who.run_id, ledger=ledger, retry_policy=FAST_RETRY)  # as the reaper does
+    assert again.clean and [r.name for r in again.deleted] == ["stubborn"]
+    (history,) = local_cloud.server_history(who.run_id)
+    spent = assert_nothing_left_and_su_right(local_cloud, who.run_id)
+    # Charged until the delete that finally worked, not until the first attempt.
+    assert history.deleted_at > proof.checked_at and spent > 0
+
+
+def test_the_same_run_started_again_adopts_its_vms_instead_of_booting_duplicates(local_cloud, tmp_path):
+    who, ledger = owner("rerun"), Ledger(tmp_path / "ledger.db")
+    spec = ServerSpec("worker", "m3.small", NOOP, count=2)
+    # First attempt: the process dies after creating (no teardown ran).
+    crashed = Lease(local_cloud, who, ledger=ledger).create_servers(spec)
+    with Lease(local_cloud, who, ledger=ledger) as lease:  # the same run id, started again
+        again = lease.create_servers(spec)
+        assert [s.id for s in again] == [s.id for s in crashed]
+        wait_for_servers(local_cloud, who.run_id, [s.id for s in again], timeout=30, poll_interval=0.05)
+    assert lease.proof.clean and len(local_cloud.server_history(who.run_id)) == 2
+    assert_nothing_left_and_su_right(local_cloud, who.run_id)
+
+
+class LostResponseCloud:
+    """A cloud whose first create_servers is carried out but answered with a gateway timeout."""
+
+    def __init__(self, cloud: LocalCloud) -> None:
+        self._cloud, self.lost = cloud, 1
+
+    def __getattr__(self, name):
+        return getattr(self._cloud, name)
+
+    def create_servers(self, spec, owner):
+        made = self._cloud.create_servers(spec, owner)
+        if self.lost:
+            self.lost -= 1
+            raise TransientError("504 Gateway Timeout while creating servers", cloud=self._cloud.name)
+        return made
+
+
+def test_a_retried_task_whose_first_create_went_through_does_not_duplicate(local_cloud, tmp_path):
+    from tasks.provision import provision_servers, wait_until_active
+
+    who, ledger = owner("lost-response"), Ledger(tmp_path / "ledger.db")
+    cloud = LostResponseCloud(local_cloud)
+
+    @flow
+    def provision_twice_asked() -> list[str]:
+        with Lease(cloud, who, ledger=ledger) as lease:
+            servers = provision_servers(lease, ServerSpec("w", "m3.small", NOOP, count=3))
+            return [s.id for s in wait_until_active(lease, servers, timeout=30)]
+
+    ids = provision_twice_asked()
+    assert cloud.lost == 0  # the Prefect task did retry after the 504
+    assert sorted(h.id for h in local_cloud.server_history(who.run_id)) == sorted(ids) and len(ids) == 3
+    assert_nothing_left_and_su_right(local_cloud, who.run_id)

@@ -1,0 +1,126 @@
+"""The reaper flow and `slipstream reap` against a real Prefect API and a real LocalCloud.
+
+Three runs own resources on the cloud, none held by a process on this host (their Leases write
+to another ledger, as a run on another machine would): one Prefect says Crashed, one Prefect says
+Running, one with a generated id Prefect never heard of. The flow must reap the first and the
+third, leave the running one alone, emit a ``slipstream.resource.leaked`` event per leaked
+resource and publish a table artifact; the CLI must say the same in a dry run, and degrade to
+local resolution when no Prefect API answers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State, StateType
+
+from slipstream.cloud.models import Ownership, ServerSpec
+from slipstream.lease import Lease
+from slipstream.ledger import Ledger
+from support import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE7x0Ff0Hnm3zQPMjLeCzLWV1dNfmSbEW9FbgpmPZx0X reaper"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api(prefect_harness):
+    return prefect_harness
+
+
+@flow(name="somebodys-pipeline")
+def somebodys_pipeline() -> None:
+    """Only here so the API has flow runs whose states the test sets."""
+
+
+def _flow_run(client, state: StateType) -> str:
+    run = client.create_flow_run(somebodys_pipeline)
+    client.set_flow_run_state(run.id, State(type=state), force=True)
+    return str(run.id)
+
+
+def _left_behind(cloud, run_id: str, other_ledger: Ledger) -> None:
+    """What a run on another machine holds: a key and a VM tagged with ``run_id``."""
+    lease = Lease(cloud, Ownership.new("elsewhere", run_id=run_id), ledger=other_ledger)
+    lease.create_keypair(KEY)
+    lease.create_servers(ServerSpec("elsewhere", "m3.tiny", "slipstream-noop"))
+
+
+def _leaked_events(run_id: str) -> list:
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+    with get_client(sync_client=True) as client:
+        page = client.read_events(filter=EventFilter(
+            event=EventNameFilter(name=["slipstream.resource.leaked"]),
+            related=EventRelatedFilter(id=[f"slipstream.run.{run_id}"]),
+        ), limit=50)
+    return page.events
+
+
+def _cli(*args: str, api: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_API_URL": api, "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
+    slipstream = Path(sys.executable).parent / "slipstream"
+    return subprocess.run([str(slipstream), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_reaper_flow_reaps_dead_and_unknown_runs_and_leaves_a_running_one(cloud_env, prefect_api, tmp_path):
+    from flows.reaper import reaper
+
+    other = Ledger(tmp_path / "another-host.db")
+    with get_client(sync_client=True) as client:
+        crashed, running = _flow_run(client, StateType.CRASHED), _flow_run(client, StateType.RUNNING)
+    stranger = "0123456789abcdef0123456789abcdef"
+    for run_id in (crashed, running, stranger):
+        _left_behind(cloud_env, run_id, other)
+
+    dry = _cli("reap", "--grace", "0", api=prefect_api)  # the CLI, through the same API
+    assert dry.returncode == 0, dry.stderr
+    lines = {run: next(line for line in dry.stdout.splitlines() if run[:20] in line) for run in (crashed, running, stranger)}
+    assert "crashed" in lines[crashed] and "reap" in lines[crashed]
+    assert "live" in lines[running] and "keep" in lines[running] and "Prefect: Running" in dry.stdout
+    assert "unknown" in lines[stranger] and "dry run: 2 run(s) would be reaped" in dry.stdout
+    assert len(cloud_env.list_servers()) == 3  # a dry run deletes nothing
+
+    state = reaper(grace_minutes=0, return_state=True)
+    result = state.result()
+    assert sorted(result.reaped_runs) == sorted([crashed, stranger]) and result.clean
+    assert result.clouds == ["local"] and result.leaked_resources == 4
+    assert [s.ownership.run_id for s in cloud_env.list_servers()] == [running]
+    assert cloud_env.list_servers(crashed) == [] and cloud_env.list_keypairs(stranger) == []
+    assert len(cloud_env.list_keypairs(running)) == 1
+
+    events = wait_until(lambda: (e := _leaked_events(crashed)) and len(e) == 2 and e, timeout=60,
+                        what="two leaked events for the crashed run")
+    assert {e.payload["kind"] for e in events} == {"server", "keypair"}
+    assert all(e.payload["run_state"] == "crashed" and e.resource["slipstream.cloud"] == "local" for e in events)
+    assert _leaked_events(running) == []
+
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(str(state.state_details.flow_run_id))])))
+    assert artifact.key == "slipstream-reaper" and artifact.type == "table"
+    assert crashed in str(artifact.data) and running in str(artifact.data)
+
+    # The running run ends on its own; its own teardown finds what the reaper left it.
+    assert Lease(cloud_env, Ownership.new("elsewhere", run_id=running), ledger=other).teardown().clean
+    assert cloud_env.list_servers() == [] and cloud_env.list_keypairs() == []
+
+
+def test_without_a_reachable_prefect_api_the_cli_resolves_locally_and_says_so(cloud_env, tmp_path):
+    _left_behind(cloud_env, "0123456789abcdef0123456789abcdee", Ledger(tmp_path / "another-host.db"))
+    out = _cli("reap", "--grace", "0", "--yes", api="http://127.0.0.1:9/api")  # nothing listens on port 9
+    assert out.returncode == 0, out.stderr
+    assert "the Prefect API at http://127.0.0.1:9/api is not reachable" in out.stdout
+    assert "unresolved" in out.stdout and "keep" in out.stdout  # maybe alive elsewhere: wait for its lease
+    assert len(cloud_env.list_servers()) == 1
+    listed = _cli("ls", api="http://127.0.0.1:9/api")
+    assert "elsewhere" in listed.stdout and "listing the local cloud only" in listed.stdout
+    assert Lease(cloud_env, Ownership.new("x", run_id="0123456789abcdef0123456789abcdee")).teardown().clean
