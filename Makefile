@@ -11,7 +11,9 @@ UV     := $(VENV)/.uv/bin/uv
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -o DPkg::Lock::Timeout=900 -y -q
 # openssh-server: local-cloud VMs from Featured images run a real sshd.
-DEBIAN_PACKAGES := openssh-server openssh-client
+# slurmctld slurmd slurm-client munge: the elastic Slurm tests run real daemons (slurm-wlm's
+# plugin packages are not needed).
+DEBIAN_PACKAGES := openssh-server openssh-client slurmctld slurmd slurm-client munge
 
 .PHONY: demo test install python-deps debian-deps lab-up lab-down lock clean-local
 

@@ -29,6 +29,21 @@ def test_over_the_run_budget_fails_before_anything_exists(cloud_env):
     assert_nothing_was_created(cloud_env)
 
 
+def test_elastic_pools_are_held_to_their_worst_case_too(cloud_env, tmp_path):
+    from flows.dask_pipeline import dask_pipeline
+    from flows.slurm_cluster import slurm_cluster
+
+    # 8 x m3.quad (4 SU/h each) for 2 h = 64 SU of workers, whatever the pool really holds.
+    with pytest.raises(BudgetExceeded, match=r"worst case 64.00 SU .* exceeds the run budget of 10.00 SU"):
+        dask_pipeline(max_workers=8, flavor="m3.quad", max_hours=2, budget_su=10)
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\nhostname\n")
+    # head m3.tiny (1 SU/h) + 4 x m3.small (2 SU/h) for 3 h = 27 SU
+    with pytest.raises(BudgetExceeded, match=r"worst case 27.00 SU .* exceeds the run budget of 5.00 SU"):
+        slurm_cluster(scripts=[str(script)], max_nodes=4, flavor="m3.small", max_hours=3, budget_su=5)
+    assert_nothing_was_created(cloud_env)
+
+
 def test_a_saved_allocation_holds_a_gpu_plan_to_its_gpu_balance(cloud_env, capsys):
     from blocks.allocation import AllocationBlock
     from flows.vm_job import gpu_job

@@ -1,0 +1,136 @@
+"""CloudDaskCluster on real LocalCloud VMs: `dask worker` started by user_data on each VM's own
+127.64.x.y address, batches, adapt() by slipstream's policy, scale(n), and a clean teardown."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import dask
+import dask.array as da
+import distributed
+import numpy as np
+import pytest
+
+from slipstream.cloud.errors import InvalidRequest
+from slipstream.cloud.local.addresses import tcp_listeners
+from slipstream.dask_cluster import CloudDaskCluster, worker_user_data
+from tests.support import wait_until
+
+SCALING = {"max_workers": 4, "batch_size": 2, "cooldown_seconds": 1.0, "boot_seconds": 1.0, "flavor": "m3.small"}
+
+
+def processes_naming(text: str) -> list[int]:
+    """Pids of live processes whose command line contains ``text`` (e.g. a scheduler address)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def peak_servers(cloud, run_id: str) -> int:
+    edges = []
+    for h in cloud.server_history(run_id):
+        edges += [(h.created_at, 1)] + ([(h.deleted_at, -1)] if h.deleted_at else [])
+    peak = now = 0
+    for _, step in sorted(edges):
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+def test_adapt_grows_in_batches_computes_and_shrinks_back_to_zero(local_cloud):
+    x = da.random.default_rng(7).standard_normal((6_000, 500), chunks=(250, 500))
+
+    def chunk_work(block):
+        time.sleep(0.2)  # each chunk takes a while, so the queue outlasts a boot
+        return block
+
+    with dask.config.set(scheduler="sync"):
+        expected = (float(x.mean().compute()), float(x.std().compute()))
+    with CloudDaskCluster(local_cloud, image="slipstream-noop", scaling=SCALING) as cluster:
+        cluster.adapt(minimum=0, maximum=4, interval="0.2s")
+        address = cluster.scheduler_address
+        with distributed.Client(cluster) as client:
+            y = x.map_blocks(chunk_work)
+            mean, std = client.compute([y.mean(), y.std()], sync=True)
+            workers_seen = {w["name"]: w["host"] for w in client.scheduler_info()["workers"].values()}
+        assert (mean, std) == pytest.approx(expected, rel=1e-12)
+        launched = cluster.launched
+        # Grew in batches of at most 2 (b1 = 2 VMs in one call, ...), never past 4 at once.
+        assert len(launched) >= 2 and launched[:2] == [f"{cluster.vms.pool.prefix}-b1-1", f"{cluster.vms.pool.prefix}-b1-2"]
+        assert 2 <= peak_servers(local_cloud, cluster.run_id) <= 4
+        # Each worker runs on its own VM's address.
+        vms = {s.name: s.address for s in local_cloud.list_servers(run_id=cluster.run_id)}
+        assert all(vms[name] == host for name, host in workers_seen.items() if name in vms)
+        # ...and the policy lets every worker go after the 1 s cooldown: the pool is back to 0.
+        wait_until(lambda: not local_cloud.list_servers(run_id=cluster.run_id), timeout=30,
+                   what="the pool shrinking back to 0 VMs")
+        assert any(d.release for d in cluster._adaptive.decisions)
+    proof = cluster.teardown_proof
+    assert proof is not None and proof.clean, proof.summary()
+    assert local_cloud.list_servers(run_id=cluster.run_id) == []
+    wait_until(lambda: not processes_naming(address), timeout=10, what="no dask worker of the cluster left")
+
+
+def test_scale_n_starts_workers_on_vms_and_close_deletes_them_with_a_proof(local_cloud):
+    with CloudDaskCluster(local_cloud, image="slipstream-noop", scaling=SCALING) as cluster:
+        cluster.scale(3)  # one batch of 2 and one of 1
+        wait_until(lambda: len(cluster.scheduler_info["workers"]) == 3, timeout=60, what="3 workers joined")
+        servers = local_cloud.list_servers(run_id=cluster.run_id)
+        assert sorted(s.name for s in servers) == sorted(cluster.launched)
+        assert all(s.flavor == "m3.small" and s.ownership.run_id == cluster.run_id for s in servers)
+        # Each worker listens on its own VM's 127.64.x.y address, under the VM's name.
+        hosts = {w["name"]: w["host"] for w in cluster.scheduler_info["workers"].values()}
+        assert hosts == {s.name: s.address for s in servers}
+        with distributed.Client(cluster) as client:
+            assert client.submit(lambda: 6 * 7).result(timeout=30) == 42
+        address = cluster.scheduler_address
+        # The scheduler and its HTTP endpoints listen on loopback only.
+        ports = {cluster.scheduler.port, cluster.scheduler.http_server.port}
+        assert {a for a, p in tcp_listeners() if p in ports} == {"127.0.0.1"}
+    proof = cluster.teardown_proof
+    assert proof.clean and {r.name for r in proof.deleted if r.kind == "server"} == {s.name for s in servers}
+    wait_until(lambda: not processes_naming(address), timeout=10, what="no dask worker left")
+
+
+def test_bad_settings_are_refused_before_any_vm_exists(local_cloud):
+    with pytest.raises(InvalidRequest, match="image 'Featured-Ubuntu99' is not on local.*Images there"):
+        CloudDaskCluster(local_cloud, image="Featured-Ubuntu99")
+    with pytest.raises(InvalidRequest, match="bad scaling settings.*max_wrokers"):
+        CloudDaskCluster(local_cloud, image="slipstream-noop", scaling={"max_wrokers": 3})
+    with pytest.raises(InvalidRequest, match="cannot bring Dask workers back on the local cloud.*use idle action 'delete'"):
+        CloudDaskCluster(local_cloud, image="slipstream-noop", scaling={"idle": {"action": "shelve"}})
+    with pytest.raises(InvalidRequest, match="'suspend' is not allowed for g3.medium"):
+        CloudDaskCluster(local_cloud, image="slipstream-noop", scaling={"flavor": "g3.medium", "idle": {"action": "suspend"}})
+    assert local_cloud.list_servers() == []
+
+
+def test_the_worker_user_data_installs_matching_dask_on_real_images():
+    script = worker_user_data("tcp://head.example.org:8786", nthreads=4)
+    assert f"distributed=={distributed.__version__}" in script and f"numpy=={np.__version__}" in script
+    assert 'dask worker tcp://head.example.org:8786 --host "$addr" --name "$name" --nthreads 4' in script
+    assert "/var/lib/cloud/scripts/per-boot/" in script  # rejoins after unshelve on real images
+    subprocess.run(["sh", "-n", "-c", script], check=True)  # valid shell
+
+
+def test_a_worker_vm_deleted_behind_the_clusters_back_is_replaced(local_cloud):
+    with CloudDaskCluster(local_cloud, image="slipstream-noop", scaling=SCALING) as cluster:
+        adaptive = cluster.adapt(minimum=2, maximum=2, interval="0.2s", cloud_check_seconds=0.5)
+        wait_until(lambda: len(cluster.scheduler_info["workers"]) == 2, timeout=60, what="2 workers joined")
+        victim = next(s for s in local_cloud.list_servers(run_id=cluster.run_id))
+        local_cloud.delete_server(victim.id)  # someone deletes a worker VM in Horizon
+        # The table says "vm gone -> forget"; the policy (min 2) launches a replacement.
+        wait_until(lambda: (victim.name, "forget (already gone)") in [(n, str(a)) for n, a in adaptive.repairs],
+                   timeout=30, what="the lost worker forgotten")
+        wait_until(lambda: len(cluster.scheduler_info["workers"]) == 2 and victim.name not in
+                   {w["name"] for w in cluster.scheduler_info["workers"].values()}, timeout=60,
+                   what="a replacement worker joined")
+        assert len(local_cloud.list_servers(run_id=cluster.run_id)) == 2
+    assert cluster.teardown_proof.clean

@@ -1,0 +1,66 @@
+"""slurm.conf and user_data rendered for an elastic cluster."""
+
+from __future__ import annotations
+
+import subprocess
+
+from slipstream.slurm.config import ClusterSettings, render_slurm_conf, write_cluster_files
+from slipstream.slurm.nodesetup import _real_head, _real_worker, head_user_data, worker_user_data
+
+
+def _settings(tmp_path, **kw) -> ClusterSettings:
+    return ClusterSettings(name="demo", cloud="local", run_id="r1", pipeline="unit", creator="me",
+                           expires_at="2030-01-01T00:00:00+00:00", directory=str(tmp_path / "c"),
+                           head_address="127.64.3.1", max_nodes=3, suspend_time=9, **kw)
+
+
+def _conf(text: str) -> dict[str, str]:
+    return {line.split("=", 1)[0]: line.split("=", 1)[1] for line in text.splitlines()
+            if "=" in line and not line.startswith(("#", "NodeName", "PartitionName"))}
+
+
+def test_cloud_nodes_call_slipstream_and_bind_their_own_loopback_address(tmp_path):
+    s = _settings(tmp_path)
+    text = render_slurm_conf(s)
+    conf = _conf(text)
+    assert conf["SlurmctldHost"] == "127.64.3.1"
+    assert conf["ResumeProgram"] == str(s.dir / "bin" / "resume")
+    assert conf["SuspendProgram"] == str(s.dir / "bin" / "suspend")
+    assert conf["ResumeFailProgram"] == str(s.dir / "bin" / "resume-fail")
+    assert conf["SuspendTime"] == "9" and conf["PrivateData"] == "cloud"
+    assert conf["CommunicationParameters"] == "NoCtldInAddrAny,NoInAddrAny"
+    assert conf["AuthInfo"] == f"socket={s.dir / 'munge' / 'munge.socket'}"
+    assert ("NodeName=demo-[1-3] CPUs=1 RealMemory=3072 State=CLOUD Port=[6818-6820] "
+            "NodeAddr=127.0.0.1,127.0.0.1,127.0.0.1") in text
+    assert "PartitionName=cloud Nodes=demo-[1-3] Default=YES" in text
+    assert "/etc/slurm" not in text
+
+
+def test_on_a_real_cloud_the_head_is_named_and_daemons_use_the_defaults(tmp_path):
+    text = render_slurm_conf(_settings(tmp_path, loopback=False))
+    assert "SlurmctldHost=demo-head(127.64.3.1)" in text
+    assert "NoInAddrAny" not in text and "AuthInfo" not in text and "NodeAddr=" not in text
+
+
+def test_the_power_programs_set_the_environment_and_pass_only_the_hostlist(tmp_path):
+    s = _settings(tmp_path, env={"SLIPSTREAM_HOME": "/x y/home"})
+    write_cluster_files(s)
+    program = (s.dir / "bin" / "resume").read_text()
+    assert "export SLIPSTREAM_HOME='/x y/home'" in program
+    assert f"export SLURM_CONF={s.conf_path}" in program
+    assert program.rstrip().endswith('-m slipstream.cli slurm resume "$1"')
+    assert (s.dir / "bin" / "suspend").stat().st_mode & 0o111
+    assert ClusterSettings.load(s.settings_path) == s
+
+
+def test_user_data_scripts_are_valid_shell_and_start_the_daemons_in_the_foreground(tmp_path):
+    s = _settings(tmp_path)
+    head, worker = head_user_data(s), worker_user_data(s)
+    assert "munged -F" in head and "slurmctld -D" in head
+    assert "slurmd -D -b -N" in worker and 'hostname "$1"' in worker
+    for script in (head, worker):
+        subprocess.run(["sh", "-n"], input=script, text=True, check=True)
+    real = _settings(tmp_path, loopback=False)
+    for script in (_real_head(real), _real_worker(real)):
+        subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    assert "apptainer --version" in _real_worker(real)
