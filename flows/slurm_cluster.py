@@ -38,7 +38,7 @@ from slipstream.slurm.cluster import ClusterPlan, ElasticCluster, slurm_cluster_
 from slipstream.slurm.commands import JobInfo
 from slipstream.slurm.power import SlurmPower
 from tasks import CLOUD_TASK_OPTIONS
-from tasks.budget import guard_budget
+from tasks.budget import guard_budget, watching_budget
 from tasks.events import resource_event_emitter
 from tasks.hooks import TEARDOWN_HOOKS
 from tasks.report import report_run
@@ -132,6 +132,7 @@ def slurm_cluster(
     budget_su: float | None = None,
     allocation: str | None = None,
     override_budget: bool = False,
+    budget_check_seconds: float = 60.0,
 ) -> SlurmClusterResult:
     """Run batch ``scripts`` on an elastic Slurm cluster and delete the cluster afterwards.
 
@@ -149,9 +150,11 @@ def slurm_cluster(
         max_hours: Deadline for all jobs; sets the lease expiry and the SU worst case.
         results_dir: Local directory for the jobs' output files.
         pipeline: Pipeline name stamped on every resource.
-        budget_su: Most SUs the run may spend (default: the allocation's run budget, if any).
+        budget_su: Most SUs the run may spend (default: the allocation's run budget, if any); a
+            watchdog meters the cluster and tears it down when the budget is spent.
         allocation: A saved allocation block (its balances and run budget).
         override_budget: Run even if the worst case is over the budget or the balance.
+        budget_check_seconds: How often the budget watchdog meters the cluster.
     """
     logger = get_run_logger()
     paths = [Path(s).expanduser() for s in scripts]
@@ -164,7 +167,7 @@ def slurm_cluster(
                              hint='Use cloud="local"; on real clouds jobs must be submitted over SSH to the head node.')
     planned = slurm_cluster_plan(head_flavor, flavor, max_nodes, max_hours)
     worst_case = estimate(planned)
-    guard_budget(planned, budget_su, allocation, override_budget)
+    budget_su, held_allocation = guard_budget(planned, budget_su, allocation, override_budget)
     provider = load_cloud(cloud)
     owner = Ownership.new(pipeline, run_id=str(flow_run.get_id() or "") or None,
                           lease=timedelta(hours=max_hours * 1.5 + 0.5))
@@ -176,7 +179,7 @@ def slurm_cluster(
     results = Path(results_dir) / owner.run_id
     lease = Lease(provider, owner, on_event=resource_event_emitter(owner, provider.name))
     try:
-        with lease:
+        with lease, watching_budget(lease, budget_su, allocation=held_allocation, interval=budget_check_seconds):
             cluster = start_slurm_cluster(lease, plan)
             jobs = submit_scripts(cluster, paths)
             finished = wait_for_jobs(cluster, list(jobs), timeout=max_hours * 3600)

@@ -36,7 +36,7 @@ from slipstream.accounting import MeteredServer, PlannedServers
 from slipstream.cloud.models import Ownership
 from slipstream.lease import HeldResource, Lease
 from slipstream.vmjob import REMOTE_JOB_DIR, plan_vm_job
-from tasks.budget import budget_spent_error, guard_budget, start_budget_watchdog
+from tasks.budget import guard_budget, watching_budget
 from tasks.events import resource_event_emitter
 from tasks.hooks import TEARDOWN_HOOKS
 from tasks.provision import attach_floating_ip, provision_servers, register_keypair, wait_until_active
@@ -118,31 +118,21 @@ def vm_job(
     keypair = ssh.generate_keypair(comment=f"slipstream-{owner.run_id}")
     lease = Lease(provider, owner, on_event=resource_event_emitter(owner, provider.name))
     lease.ledger.record_worst_case(owner.run_id, pipeline, provider.name, plan.worst_case_su)
-    watchdog = None
     try:
-        with lease:
-            watchdog = start_budget_watchdog(lease, budget_su, allocation=held_allocation, interval=budget_check_seconds)
-            try:
-                registered = register_keypair(lease, keypair.public_key)
-                spec = replace(plan.spec, key_name=registered.name)
-                (server,) = wait_until_active(lease, provision_servers(lease, spec), timeout=boot_timeout_seconds)
-                server = attach_floating_ip(lease, server)
-                target = wait_for_ssh(provider, server, keypair, timeout=boot_timeout_seconds)
-                progress.report("work", 0, 3, "uploading inputs")
-                upload_inputs(target, [*plan.inputs, *([plan.script] if plan.script else [])], REMOTE_JOB_DIR)
-                progress.report("work", 1, 3, f"running: {plan.command[:40]}")
-                result = run_remote_command(target, plan.command, REMOTE_JOB_DIR, timeout=max_hours * 3600)
-                progress.report("work", 2, 3, "downloading outputs")
-                got = download_outputs(target, list(plan.outputs), REMOTE_JOB_DIR, plan.results_dir)
-                progress.report("work", 3, 3, "done")
-                progress.report("teardown", 0, 1, "deleting everything the run created")
-            finally:  # metering ends with the work, so the lease's own teardown is never "over budget"
-                if watchdog is not None:
-                    watchdog.stop()
-    except Exception as err:
-        if watchdog is not None and watchdog.exhausted:
-            raise budget_spent_error(watchdog) from err
-        raise
+        with lease, watching_budget(lease, budget_su, allocation=held_allocation, interval=budget_check_seconds):
+            registered = register_keypair(lease, keypair.public_key)
+            spec = replace(plan.spec, key_name=registered.name)
+            (server,) = wait_until_active(lease, provision_servers(lease, spec), timeout=boot_timeout_seconds)
+            server = attach_floating_ip(lease, server)
+            target = wait_for_ssh(provider, server, keypair, timeout=boot_timeout_seconds)
+            progress.report("work", 0, 3, "uploading inputs")
+            upload_inputs(target, [*plan.inputs, *([plan.script] if plan.script else [])], REMOTE_JOB_DIR)
+            progress.report("work", 1, 3, f"running: {plan.command[:40]}")
+            result = run_remote_command(target, plan.command, REMOTE_JOB_DIR, timeout=max_hours * 3600)
+            progress.report("work", 2, 3, "downloading outputs")
+            got = download_outputs(target, list(plan.outputs), REMOTE_JOB_DIR, plan.results_dir)
+            progress.report("work", 3, 3, "done")
+            progress.report("teardown", 0, 1, "deleting everything the run created")
     finally:
         # Runs on failure too: the researcher sees what was created, what it cost and the proof.
         if lease.proof is not None:
@@ -151,8 +141,6 @@ def vm_job(
     progress.report("teardown", 1, 1, "clean" if proof.clean else "INCOMPLETE")
     if not proof.clean:
         raise RuntimeError(proof.summary())
-    if watchdog is not None and watchdog.exhausted:
-        raise budget_spent_error(watchdog)
     return VmJobResult(
         run_id=owner.run_id, cloud=provider.name, exit_status=result.exit_status,
         stdout_tail="\n".join(result.stdout.splitlines()[-20:]), outputs=[str(p) for p in got],

@@ -15,7 +15,8 @@ Events name the run as resource ``slipstream.run.<run id>`` with the flow run as
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
@@ -110,6 +111,37 @@ def start_budget_watchdog(
     watchdog = BudgetWatchdog(lease.cloud, run_id, budget_su, thresholds=thresholds, interval=interval,
                               on_threshold=on_threshold, on_exhausted=on_exhausted)
     return watchdog.start()
+
+
+@contextmanager
+def watching_budget(
+    lease: Lease, budget_su: float | None, *, allocation: Allocation | None = None, interval: float = 60.0
+) -> Iterator[BudgetWatchdog | None]:
+    """Meter the run while the block does its work; if the budget ran out, fail with "budget spent".
+
+    Use inside the lease, around the work only, so the lease's own teardown is never metered as
+    "over budget"::
+
+        with lease, watching_budget(lease, budget_su, allocation=held):
+            ...the work...
+
+    When the watchdog spent the budget it has already torn the run down; whatever the work then
+    raised (a dropped SSH session, a vanished Slurm node) is replaced by BudgetExceeded.
+    """
+    watchdog = start_budget_watchdog(lease, budget_su, allocation=allocation, interval=interval)
+    try:
+        yield watchdog
+    except Exception as err:
+        if watchdog is not None:
+            watchdog.stop()
+            if watchdog.exhausted:
+                raise budget_spent_error(watchdog) from err
+        raise
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+    if watchdog is not None and watchdog.exhausted:
+        raise budget_spent_error(watchdog)
 
 
 def budget_spent_error(watchdog: BudgetWatchdog) -> BudgetExceeded:

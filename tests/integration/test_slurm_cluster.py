@@ -168,6 +168,24 @@ def test_the_flow_runs_batch_scripts_and_tears_the_whole_cluster_down(flow_env, 
                what="every daemon of the flow's cluster ended")
 
 
+def test_the_budget_watchdog_tears_a_cluster_down_when_its_budget_is_spent(flow_env, homes):
+    from flows.slurm_cluster import slurm_cluster
+
+    from slipstream.cloud.errors import BudgetExceeded
+
+    endless = _job(homes / "endless.sh", "sleep 600\n")
+    # The head node alone (m3.tiny, 1 SU/h) spends 0.003 SU in under 11 s, long before the job ends.
+    with pytest.raises(BudgetExceeded, match="run budget spent: .* of 0.0030 SU; the run was torn down") as err:
+        slurm_cluster(scripts=[str(endless)], name="bw", max_nodes=1, resume_timeout=60, max_hours=0.05,
+                      budget_su=0.003, override_budget=True, budget_check_seconds=0.5,
+                      results_dir=str(homes / "results"))
+    run_id = err.value.resource.removeprefix("run ")
+    assert flow_env.list_servers(run_id=run_id) == [] and flow_env.list_servers() == []
+    assert all(h.deleted_at is not None for h in flow_env.server_history(run_id))
+    wait_until(lambda: not [c for c in daemons_of(Path("/tmp")) if "slurm-bw-" in c], timeout=15,
+               what="every daemon of the cluster ended")
+
+
 def test_the_flow_refuses_missing_scripts_before_creating_anything(flow_env, homes):
     from flows.slurm_cluster import slurm_cluster
 
