@@ -32,6 +32,7 @@ from blocks import load_cloud
 from slipstream.cloud.models import Ownership
 from slipstream.lease import TeardownProof, teardown_run
 from tasks.events import resource_event_emitter
+from tasks.report import publish_teardown_proof
 
 
 def teardown_on_cancellation(flow: Any, flow_run: Any, state: Any) -> None:
@@ -85,6 +86,10 @@ def tear_down_flow_run(flow: Any, flow_run: Any, why: str) -> list[TeardownProof
         (logger.info if proof.clean else logger.error)("deleted %s; %s", deleted, proof.summary())
         for error in proof.errors:
             logger.warning("teardown error: %s", error)
+        try:  # the run's page shows the proof, as for a run that ended by itself
+            publish_teardown_proof(run_id, pipeline, proof)
+        except Exception as err:  # noqa: BLE001 - the proof is in the logs already
+            logger.warning("could not publish the teardown proof artifact (%s: %s)", type(err).__name__, err)
     return proofs
 
 

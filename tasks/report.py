@@ -80,18 +80,34 @@ def report_run(
     return report.metered()
 
 
-def _teardown_artifact(pipeline: str, proof: TeardownProof) -> None:
+TEARDOWN_DESCRIPTION = "What is left of this run on the cloud after teardown (must be nothing)."
+
+
+def _teardown_markdown(proof: TeardownProof) -> str:
     remaining = "\n".join(f"| {k} | {', '.join(v) or '—'} |" for k, v in proof.remaining.items())
-    create_markdown_artifact(
-        key=_key(pipeline, "teardown-proof"),
-        markdown=(
-            f"## Teardown proof — {'clean' if proof.clean else 'INCOMPLETE'}\n\n"
-            f"Listing by run id `{proof.run_id}` on `{proof.cloud}` at {proof.checked_at:%Y-%m-%d %H:%M:%S} UTC:\n\n"
-            f"| kind | remaining |\n|---|---|\n{remaining}\n"
-            + ("".join(f"\n- error: {e}" for e in proof.errors))
-        ),
-        description="What is left of this run on the cloud after teardown (must be nothing).",
+    return (
+        f"## Teardown proof — {'clean' if proof.clean else 'INCOMPLETE'}\n\n"
+        f"Listing by run id `{proof.run_id}` on `{proof.cloud}` at {proof.checked_at:%Y-%m-%d %H:%M:%S} UTC:\n\n"
+        f"| kind | remaining |\n|---|---|\n{remaining}\n"
+        + ("".join(f"\n- error: {e}" for e in proof.errors))
     )
+
+
+def _teardown_artifact(pipeline: str, proof: TeardownProof) -> None:
+    create_markdown_artifact(key=_key(pipeline, "teardown-proof"), markdown=_teardown_markdown(proof),
+                             description=TEARDOWN_DESCRIPTION)
+
+
+def publish_teardown_proof(flow_run_id: str, pipeline: str, proof: TeardownProof) -> None:
+    """The teardown-proof artifact for ``flow_run_id`` from outside its run (a state hook runs in
+    the runner or worker process, where no run context says which run an artifact belongs to)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    with get_client(sync_client=True) as client:
+        client.create_artifact(ArtifactCreate(
+            key=_key(pipeline, "teardown-proof"), type="markdown", data=_teardown_markdown(proof),
+            description=TEARDOWN_DESCRIPTION, flow_run_id=flow_run_id))
 
 
 def _burn_markdown(report: RunReport, png: bytes, budget_su: float | None, saved) -> str:

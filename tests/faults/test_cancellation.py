@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import State, StateType
 
 from slipstream.accounting import meter_servers
@@ -186,6 +186,11 @@ def test_a_killed_flow_process_crashes_and_the_crash_hook_tears_down(served, loc
         logs = wait_until(lambda: _hook_proof(client, run_id), timeout=60, what="the crash hook's proof")
         assert local_cloud.list_servers(run_id) == []  # the flow process was dead: the hook did it
         _assert_nothing_left_and_su_right(local_cloud, run_id)
+        # The run's page shows the hook's proof, as it would for a run that ended by itself.
+        proofs = wait_until(lambda: [a for a in client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))) if a.key == "vm-job-teardown-proof"],
+            timeout=30, what="the teardown-proof artifact of the killed run")
+        assert "Teardown proof — clean" in proofs[0].data and run_id in proofs[0].data
     assert any(f"run {run_id} crashed: tearing down" in m for m in logs), logs
     assert any(m.startswith("deleted ") and "server vm-job" in m for m in logs), "\n".join(logs)
 
