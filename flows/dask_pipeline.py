@@ -38,7 +38,7 @@ from slipstream.cloud.models import Ownership
 from slipstream.lease import teardown_run
 from slipstream.ledger import Ledger
 from slipstream.scaling.policy import elastic_pool_plan
-from tasks.budget import guard_budget
+from tasks.budget import guard_budget, resolve_allocation, watching_budget
 from tasks.events import resource_event_emitter
 from tasks.hooks import TEARDOWN_HOOKS
 from tasks.report import report_run
@@ -87,14 +87,19 @@ def _cluster():
 
 
 @flow(name="dask-array-statistics")
-def array_statistics(rows: int, cols: int, chunk_rows: int, seed: int, drain_seconds: float = 0.0) -> ArrayStatistics:
-    """The computation, on whatever task runner the caller gives it."""
-    stats = array_moments.submit(rows, cols, chunk_rows, seed).result()
+def array_statistics(rows: int, cols: int, chunk_rows: int, seed: int, drain_seconds: float = 0.0,
+                     budget_su: float | None = None, allocation: str | None = None,
+                     budget_check_seconds: float = 60.0) -> ArrayStatistics:
+    """The computation, on whatever task runner the caller gives it, watched against the budget:
+    when it is spent the cluster is closed (so adapt cannot relaunch) and its VMs are deleted."""
     cluster = _cluster()
-    deadline = time.monotonic() + drain_seconds
-    # drain_seconds > 0 shows the whole elastic cycle: the policy releases the idle workers.
-    while cluster.worker_spec and time.monotonic() < deadline:
-        time.sleep(0.2)
+    with watching_budget(cluster.lease, budget_su, allocation=resolve_allocation(allocation),
+                         interval=budget_check_seconds, stop_work=cluster.close):
+        stats = array_moments.submit(rows, cols, chunk_rows, seed).result()
+        deadline = time.monotonic() + drain_seconds
+        # drain_seconds > 0 shows the whole elastic cycle: the policy releases the idle workers.
+        while cluster.worker_spec and time.monotonic() < deadline:
+            time.sleep(0.2)
     return stats.model_copy(update={"workers_held_at_end": len(cluster.worker_spec)})
 
 
@@ -119,6 +124,7 @@ def dask_pipeline(
     budget_su: float | None = None,
     allocation: str | None = None,
     override_budget: bool = False,
+    budget_check_seconds: float = 60.0,
 ) -> DaskPipelineResult:
     """Mean and standard deviation of a ``rows`` × ``cols`` normal array on elastic Dask workers.
 
@@ -140,6 +146,7 @@ def dask_pipeline(
         budget_su: most SUs the run may spend (default: the allocation's run budget, if any).
         allocation: a saved allocation block (its balances and run budget).
         override_budget: run even if the worst case is over the budget or the balance.
+        budget_check_seconds: how often the budget watchdog meters the workers.
     """
     logger = get_run_logger()
     provider = load_cloud(cloud)
@@ -147,7 +154,7 @@ def dask_pipeline(
     worst_case = estimate([plan])
     logger.info("plan: up to %d x %s on %s for at most %.1f h: worst case %.2f SU",
                 max_workers, plan.flavor.name, provider.name, max_hours, worst_case)
-    guard_budget([plan], budget_su, allocation, override_budget)
+    budget_su, _ = guard_budget([plan], budget_su, allocation, override_budget)
     run_id = str(flow_run.get_id() or "") or None
     owner = Ownership.new(pipeline, run_id=run_id, lease=timedelta(hours=max_hours * 1.5 + 0.5))
     scaling = {"max_workers": max_workers, "flavor": flavor, "batch_size": batch_size,
@@ -161,7 +168,8 @@ def dask_pipeline(
         adapt_kwargs={"minimum": 0, "maximum": max_workers, "interval": "0.5s"},
     )
     try:
-        stats = array_statistics.with_options(task_runner=runner)(rows, cols, chunk_rows, seed, drain_seconds)
+        stats = array_statistics.with_options(task_runner=runner)(
+            rows, cols, chunk_rows, seed, drain_seconds, budget_su, allocation, budget_check_seconds)
     finally:
         # The cluster deleted its workers when it closed; this lists by run id again, as the proof.
         proof = teardown_run(provider, owner.run_id)

@@ -15,7 +15,7 @@ Events name the run as resource ``slipstream.run.<run id>`` with the flow run as
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from prefect import get_run_logger, task
@@ -85,8 +85,12 @@ def start_budget_watchdog(
     *,
     allocation: Allocation | None = None,
     interval: float = 60.0,
+    stop_work: Callable[[], object] | None = None,
 ) -> BudgetWatchdog | None:
-    """Watch ``lease``'s run against ``budget_su`` (None: nothing to watch). Stop it when done."""
+    """Watch ``lease``'s run against ``budget_su`` (None: nothing to watch). Stop it when done.
+
+    ``stop_work`` is called first when the budget is spent, before the teardown, to stop whatever
+    would otherwise create more (an adaptive pool relaunching the workers being deleted)."""
     if budget_su is None:
         return None
     logger = get_run_logger()  # bound to this flow run: usable from the watchdog's thread
@@ -104,6 +108,11 @@ def start_budget_watchdog(
     def on_exhausted(spent: float, budget: float) -> None:
         logger.error("budget spent: %.4f of %.4f SU; deleting everything run %s holds", spent, budget, run_id)
         budget_event(SPENT_EVENT, run_id, {**common, "spent": round(spent, 6)})
+        if stop_work is not None:
+            try:
+                stop_work()
+            except Exception as err:  # noqa: BLE001 - the teardown below must happen regardless
+                logger.error("stopping the work failed (%s: %s); deleting its resources anyway", type(err).__name__, err)
         proof = teardown_run(lease.cloud, run_id, ledger=lease.ledger, on_event=lease.on_event)
         logger.error("after the budget was spent: %s", proof.summary())
 
@@ -115,7 +124,8 @@ def start_budget_watchdog(
 
 @contextmanager
 def watching_budget(
-    lease: Lease, budget_su: float | None, *, allocation: Allocation | None = None, interval: float = 60.0
+    lease: Lease, budget_su: float | None, *, allocation: Allocation | None = None, interval: float = 60.0,
+    stop_work: Callable[[], object] | None = None,
 ) -> Iterator[BudgetWatchdog | None]:
     """Meter the run while the block does its work; if the budget ran out, fail with "budget spent".
 
@@ -128,7 +138,7 @@ def watching_budget(
     When the watchdog spent the budget it has already torn the run down; whatever the work then
     raised (a dropped SSH session, a vanished Slurm node) is replaced by BudgetExceeded.
     """
-    watchdog = start_budget_watchdog(lease, budget_su, allocation=allocation, interval=interval)
+    watchdog = start_budget_watchdog(lease, budget_su, allocation=allocation, interval=interval, stop_work=stop_work)
     try:
         yield watchdog
     except Exception as err:

@@ -64,3 +64,21 @@ def test_a_bad_parameter_stops_the_pipeline_before_any_vm(cloud_env):
     with pytest.raises(InvalidRequest, match="no flavour among m3.tiny fits one task of 2 cores"):
         dask_pipeline(flavor="m3.tiny", cores_per_task=2, image="slipstream-noop")
     assert cloud_env.list_servers() == []
+
+
+def test_when_the_budget_is_spent_the_pool_is_closed_and_its_vms_deleted(cloud_env):
+    from flows.dask_pipeline import dask_pipeline
+
+    from slipstream.cloud.errors import BudgetExceeded
+
+    before = set(dask_worker_processes())
+    # 0.0005 SU is under a second of one m3.small: spent long before 100 chunks are crunched.
+    with pytest.raises(BudgetExceeded, match="run budget spent: .* of 0.0005 SU; the run was torn down") as err:
+        dask_pipeline(rows=400_000, cols=1_000, chunk_rows=4_000, max_workers=2, batch_size=2,
+                      cooldown_seconds=60, boot_seconds=0.0, image="slipstream-noop",
+                      budget_su=0.0005, override_budget=True, budget_check_seconds=0.2)
+    run_id = err.value.resource.removeprefix("run ")
+    assert cloud_env.list_servers() == []
+    history = cloud_env.server_history(run_id)
+    assert history and all(h.deleted_at is not None for h in history)
+    wait_until(lambda: not set(dask_worker_processes()) - before, timeout=10, what="no dask worker process left")
