@@ -17,12 +17,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "contract"))
 
-from openstack_lab import lab_cloud_fixture  # noqa: F401  (the fixture registers itself by import)
+from openstack_lab import NO_HOST_FLAVOR, lab_cloud_fixture  # noqa: F401  (the fixture registers itself by import)
 
 from slipstream.cloud.models import Ownership, ServerSpec
 from slipstream.cloud.waiting import wait_for_servers
 from slipstream.jetstream2 import DEFAULT_IMAGE
-from slipstream.lease import Lease
+from slipstream.lease import Lease, teardown_run
 from slipstream.ledger import Ledger
 from slipstream.reaper import RunState, RunStatus, Verdict, reap
 from support import wait_until
@@ -37,7 +37,9 @@ def _run(pipeline: str) -> Ownership:
 
 
 def _small(cloud) -> tuple[str, str]:
-    flavor = min((f for f in cloud.list_flavors() if f.gpus == 0), key=lambda f: (f.vcpus, f.ram_mb)).name
+    # never the flavour no host can take, which another lab test may have made in this session
+    usable = [f for f in cloud.list_flavors() if f.gpus == 0 and f.name != NO_HOST_FLAVOR]
+    flavor = min(usable, key=lambda f: (f.vcpus, f.ram_mb)).name
     images = [i.name for i in cloud.list_images()]
     return flavor, DEFAULT_IMAGE if DEFAULT_IMAGE in images else min(images)
 
@@ -47,22 +49,23 @@ def test_the_reaper_deletes_a_crashed_runs_resources_and_nothing_else(lab_cloud,
     flavor, image = _small(lab_cloud)
     crashed, live = _run("crashed"), _run("still-running")
 
-    # The crashed run: created through a Lease that never got to tear down (its process died).
-    dead = Lease(lab_cloud, crashed, ledger=ledger)
-    dead.create_keypair(KEY)
-    (server,) = dead.create_servers(ServerSpec("reap-me", flavor, image))
-    wait_for_servers(lab_cloud, crashed.run_id, [server.id], timeout=300, poll_interval=0.5)
-    dead.create_floating_ip()
-
-    # Someone else's server in the same project, without slipstream's tags.
     compute = lab_cloud.conn.compute
-    stranger = compute.create_server(
-        name=f"not-slipstream-{uuid.uuid4().hex[:6]}",
-        flavor_id=compute.find_flavor(flavor).id,
-        image_id=lab_cloud.conn.image.find_image(image).id,
-        networks=[{"uuid": lab_cloud.conn.network.find_network("auto_allocated_network").id}],
-    )
+    stranger = None
     try:
+        # The crashed run: created through a Lease that never got to tear down (its process died).
+        dead = Lease(lab_cloud, crashed, ledger=ledger)
+        dead.create_keypair(KEY)
+        (server,) = dead.create_servers(ServerSpec("reap-me", flavor, image))
+        wait_for_servers(lab_cloud, crashed.run_id, [server.id], timeout=300, poll_interval=0.5)
+        dead.create_floating_ip()
+
+        # Someone else's server in the same project, without slipstream's tags.
+        stranger = compute.create_server(
+            name=f"not-slipstream-{uuid.uuid4().hex[:6]}",
+            flavor_id=compute.find_flavor(flavor).id,
+            image_id=lab_cloud.conn.image.find_image(image).id,
+            networks=[{"uuid": lab_cloud.conn.network.find_network("auto_allocated_network").id}],
+        )
         with Lease(lab_cloud, live, ledger=ledger) as alive:
             (running,) = alive.create_servers(ServerSpec("keep-me", flavor, image))
 
@@ -87,7 +90,9 @@ def test_the_reaper_deletes_a_crashed_runs_resources_and_nothing_else(lab_cloud,
             assert [s.id for s in lab_cloud.list_servers(run_id=live.run_id)] == [running.id]
             assert compute.get_server(stranger.id).name == stranger.name
         assert alive.proof.clean
-    finally:
-        compute.delete_server(stranger, ignore_missing=True)
-        wait_until(lambda: compute.find_server(stranger.id, ignore_missing=True) is None, timeout=120,
-                   what="the untagged test server deleted")
+    finally:  # whatever failed above, leave the lab as it was
+        teardown_run(lab_cloud, crashed.run_id, ledger=ledger)  # idempotent; the body asserted the proof
+        if stranger is not None:
+            compute.delete_server(stranger, ignore_missing=True)
+            wait_until(lambda: compute.find_server(stranger.id, ignore_missing=True) is None, timeout=120,
+                       what="the untagged test server deleted")
