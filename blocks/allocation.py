@@ -32,6 +32,7 @@ from pydantic import Field, field_validator, model_validator
 
 from slipstream.budget import CPU, GPU, LARGE_MEMORY, AccountingServiceBalances, Allocation, FixedBalances
 from slipstream.cloud.errors import InvalidRequest
+from slipstream.watchdog import WARNING_THRESHOLDS
 
 _ALLOCATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{1,63}$")
 
@@ -75,7 +76,7 @@ class AllocationBlock(Block):
         "run that spends it is torn down. Empty: only the balance limits a run.",
     )
     thresholds: list[float] = Field(
-        default_factory=lambda: [0.5, 0.8, 0.9],
+        default_factory=lambda: list(WARNING_THRESHOLDS),
         description="Shares of the run budget (between 0 and 1) at which a run emits a "
         "slipstream.budget.threshold event, e.g. [0.5, 0.8, 0.9].",
     )

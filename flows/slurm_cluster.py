@@ -20,7 +20,6 @@ cluster's ``SLURM_CONF`` on this machine; real clouds would need SSH to the head
 import shutil
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -33,7 +32,7 @@ from slipstream import progress
 from slipstream.accounting import MeteredServer, estimate
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Ownership
-from slipstream.lease import HeldResource, Lease
+from slipstream.lease import HeldResource, Lease, lease_for_walltime
 from slipstream.slurm.cluster import ClusterPlan, ElasticCluster, slurm_cluster_plan, start_cluster
 from slipstream.slurm.commands import JobInfo
 from slipstream.slurm.power import SlurmPower
@@ -170,7 +169,7 @@ def slurm_cluster(
     budget_su, held_allocation = guard_budget(planned, budget_su, allocation, override_budget)
     provider = load_cloud(cloud)
     owner = Ownership.new(pipeline, run_id=str(flow_run.get_id() or "") or None,
-                          lease=timedelta(hours=max_hours * 1.5 + 0.5))
+                          lease=lease_for_walltime(max_hours))
     plan = ClusterPlan(name=name, directory=Path(tempfile.mkdtemp(prefix=f"slurm-{name}-")), cloud=cloud,
                        head_flavor=head_flavor, flavor=flavor, image=image, max_nodes=max_nodes,
                        suspend_time=suspend_time, suspend_timeout=suspend_timeout, resume_timeout=resume_timeout)

@@ -31,6 +31,7 @@ from typing import Any
 from slipstream.accounting import PlannedServers, estimate
 from slipstream.cloud.errors import BudgetExceeded, InvalidRequest
 from slipstream.jetstream2 import ACCESS_RESOURCES, FLAVORS, su_per_hour
+from slipstream.watchdog import WARNING_THRESHOLDS
 
 CPU = "jetstream2.indiana.xsede.org"
 GPU = "jetstream2-gpu.indiana.xsede.org"
@@ -158,7 +159,7 @@ class Allocation:
 
     allocation_id: str
     run_budget_su: float | None = None
-    thresholds: tuple[float, ...] = (0.5, 0.8, 0.9)
+    thresholds: tuple[float, ...] = WARNING_THRESHOLDS
     balances: FixedBalances | AccountingServiceBalances | None = None
 
 

@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from slipstream.cloud.errors import CloudError, NotFound, TransientError, WaitTimeout
@@ -269,6 +269,13 @@ class Lease:
                     hint="Run `slipstream reap --yes` later; the reaper will retry.",
                 )
             time.sleep(0.2)
+
+
+def lease_for_walltime(max_hours: float) -> timedelta:
+    """How long a run's resources may live (its Ownership lease) when its work may take up to
+    ``max_hours``: half as long again, plus half an hour to boot and tear down. After that the
+    reaper deletes them even if the run still looks alive."""
+    return timedelta(hours=max_hours * 1.5 + 0.5)
 
 
 def teardown_run(

@@ -15,7 +15,7 @@ Gathered from two sources, neither of which needs Prefect:
     write_report_files(report, Path("slipstream-report-989756c5"))
     # -> resources.csv, cost.csv (SU estimated vs spent per server), teardown.md, burn.png
 
-The SU figures are :func:`slipstream.accounting.meter_servers`'s, and the burn chart is built
+The SU figures are :func:`slipstream.accounting.meter_log`'s, and the burn chart is built
 with the same meter, so the table, the chart and the flow's own result always agree.
 """
 
@@ -25,9 +25,8 @@ import csv
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
 
-from slipstream.accounting import MeteredServer, meter_servers
+from slipstream.accounting import MeteredServer, meter_log
 from slipstream.burnchart import BurnCurve, ServerUsage, burn_curve, render_burn_chart
 from slipstream.cloud.errors import CloudError, InvalidRequest, NotFound
 from slipstream.cloud.models import Flavor, Ownership, ServerStatus
@@ -170,10 +169,7 @@ def gather_run_report(
                        or (history[sid].flavor if sid in history else "")) for sid in server_ids}
     catalogue: dict[str, Flavor] = {**FLAVORS, **{f.name: f for f in cloud.list_flavors()}}
     logs = _state_logs(cloud, server_ids, flavor_of, catalogue, notes)
-    # meter_servers reads flavours and state logs from a cloud; hand it the ones already read.
-    already_read = SimpleNamespace(list_flavors=lambda: list(catalogue.values()), state_log=logs.__getitem__)
-    metered = dict(zip(logs, meter_servers(already_read, [(sid, server_ids[sid], flavor_of[sid]) for sid in logs],
-                                           until), strict=True))
+    metered = {sid: meter_log(server_ids[sid], catalogue[flavor_of[sid]], log, until) for sid, log in logs.items()}
     shares = _worst_case_shares(worst_case, {sid: catalogue.get(flavor_of[sid]) for sid in server_ids})
     servers = [ServerCost(sid, name, flavor_of[sid], shares.get(sid),
                           metered[sid].su if sid in metered else None,

@@ -2,8 +2,8 @@
 
 A background thread that, every ``interval`` seconds, lists the run's servers on the cloud (one
 call, by run id), reads each one's state log and meters it at Jetstream2 rates
-(:func:`slipstream.accounting.meter_servers`) — servers it saw earlier are still metered after
-they are deleted, so the total never goes down. Then:
+(:func:`slipstream.accounting.meter_log`) — servers it saw earlier are still counted after they
+are deleted (their final cost, read once), so the total never goes down. Then:
 
 - ``on_threshold(fraction, spent, budget)`` once for each configured share of the budget the run
   has crossed (in order, also when one round crosses several);
@@ -29,10 +29,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from slipstream.accounting import burn_rate, meter_servers
+from slipstream.accounting import burn_rate, meter_log
+from slipstream.cloud.models import Flavor, ServerStatus
 from slipstream.cloud.port import CloudProvider
 
 log = logging.getLogger("slipstream.watchdog")
+
+#: Shares of the run budget at which the watchdog warns, unless an allocation says otherwise.
+WARNING_THRESHOLDS: tuple[float, ...] = (0.5, 0.8, 0.9)
 
 ThresholdCallback = Callable[[float, float, float], None]
 """Told ``(fraction, spent_su, budget_su)`` when the run crosses ``fraction`` of its budget."""
@@ -47,7 +51,7 @@ class BudgetWatchdog:
         run_id: str,
         budget_su: float,
         *,
-        thresholds: Iterable[float] = (0.5, 0.8, 0.9),
+        thresholds: Iterable[float] = WARNING_THRESHOLDS,
         interval: float = 60.0,
         on_threshold: ThresholdCallback | None = None,
         on_exhausted: ExhaustedCallback | None = None,
@@ -71,7 +75,9 @@ class BudgetWatchdog:
         self.exhausted = False
         self.rounds = 0
         self.failed_rounds = 0
-        self._seen: dict[str, tuple[str, str]] = {}  # server id -> (name, flavour)
+        self._watching: dict[str, tuple[str, str]] = {}  # server id -> (name, flavour), not yet deleted
+        self._settled_su = 0.0  # what deleted servers cost: their state logs no longer change
+        self._catalogue: dict[str, Flavor] | None = None  # flavours do not change during a run
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -79,11 +85,22 @@ class BudgetWatchdog:
     def check(self) -> float:
         """Meter the run once and fire the callbacks it calls for; returns the SUs spent."""
         servers = self.cloud.list_servers(run_id=self.run_id)
+        if self._catalogue is None:
+            self._catalogue = {f.name: f for f in self.cloud.list_flavors()}
         for s in servers:
-            self._seen.setdefault(s.id, (s.name, s.flavor))
-        metered = meter_servers(self.cloud, [(i, n, f) for i, (n, f) in self._seen.items()])
-        self.spent = max(self.spent, sum(m.su for m in metered))
-        self.su_per_hour = burn_rate(servers, {f.name: f for f in self.cloud.list_flavors()})
+            self._watching.setdefault(s.id, (s.name, s.flavor))
+        listed = {s.id for s in servers}
+        running_su = 0.0
+        for server_id, (name, flavor) in list(self._watching.items()):
+            state_log = self.cloud.state_log(server_id)
+            su = meter_log(name, self._catalogue[flavor], state_log).su
+            if server_id not in listed and state_log and state_log[-1][0] == ServerStatus.DELETED:
+                self._settled_su += su  # final: never read its log again
+                del self._watching[server_id]
+            else:
+                running_su += su
+        self.spent = max(self.spent, self._settled_su + running_su)
+        self.su_per_hour = burn_rate(servers, self._catalogue)
         self.rounds += 1
         for fraction in self.thresholds:
             if fraction not in self.crossed and self.spent >= fraction * self.budget_su:

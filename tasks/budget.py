@@ -27,11 +27,10 @@ from slipstream.accounting import PlannedServers
 from slipstream.budget import Allocation, BudgetVerdict, check_plan, enforce
 from slipstream.cloud.errors import BudgetExceeded
 from slipstream.lease import Lease, teardown_run
-from slipstream.watchdog import BudgetWatchdog
+from slipstream.watchdog import WARNING_THRESHOLDS, BudgetWatchdog
 
 THRESHOLD_EVENT = "slipstream.budget.threshold"
 SPENT_EVENT = "slipstream.budget.spent"
-DEFAULT_THRESHOLDS = (0.5, 0.8, 0.9)
 
 
 def resolve_allocation(ref: str | None) -> Allocation | None:
@@ -116,7 +115,7 @@ def start_budget_watchdog(
         proof = teardown_run(lease.cloud, run_id, ledger=lease.ledger, on_event=lease.on_event)
         logger.error("after the budget was spent: %s", proof.summary())
 
-    thresholds = allocation.thresholds if allocation else DEFAULT_THRESHOLDS
+    thresholds = allocation.thresholds if allocation else WARNING_THRESHOLDS
     watchdog = BudgetWatchdog(lease.cloud, run_id, budget_su, thresholds=thresholds, interval=interval,
                               on_threshold=on_threshold, on_exhausted=on_exhausted)
     return watchdog.start()
