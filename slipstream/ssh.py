@@ -295,10 +295,15 @@ def run_command(target: SshTarget, command: str, *, timeout: float,
             except (asyncssh.Error, OSError) as err:
                 lost = f"{err}"
             else:
-                if done.returncode is not None:
+                if done.returncode is None:
+                    lost = "the session closed without an exit status"
+                elif done.returncode < 0 and await _closes_soon(conn):
+                    # Killed by a signal as the connection went down: the server is stopping (its
+                    # sshd signals the session first), not the command failing by itself.
+                    lost = f"the command was killed by signal {-done.returncode} as the connection closed"
+                else:
                     return CommandResult(done.returncode, str(done.stdout or ""),
                                          str(done.stderr or ""))
-                lost = "the session closed without an exit status"
             raise SshError(f"connection to {target.endpoint} lost while running "
                            f"{command[:200]!r}: {lost}. The server may have been stopped.")
 
@@ -307,6 +312,15 @@ def run_command(target: SshTarget, command: str, *, timeout: float,
     if check and result.exit_status != 0:
         raise RemoteCommandFailed(command, result.exit_status, result.stderr, host=target.endpoint)
     return result
+
+
+async def _closes_soon(conn: asyncssh.SSHClientConnection, within: float = 2.0) -> bool:
+    """Whether the server closes ``conn`` within ``within`` seconds."""
+    try:
+        await asyncio.wait_for(conn.wait_closed(), within)
+    except TimeoutError:
+        return False
+    return True
 
 
 async def _transfer(target: SshTarget, what: str, timeout: float,
