@@ -9,6 +9,7 @@ a red suite green.
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -55,10 +56,37 @@ def open_lab_cloud(cloud: str = LAB_CLOUD, **kwargs) -> OpenStackCloud:
 # Fixtures are declared under other function names (``name=``) so that modules importing them
 # do not shadow the imported name with the test's parameter.
 @pytest.fixture(scope="session", name="lab_cloud")
-def lab_cloud_fixture() -> OpenStackCloud:
+def lab_cloud_fixture(request) -> OpenStackCloud:
     cloud = open_lab_cloud()
     yield cloud
+    _report_leftovers(cloud, request.config)
     cloud.close()
+
+
+def _report_leftovers(cloud: OpenStackCloud, config) -> None:
+    """Name, at the end of the session, anything slipstream-owned still on the lab, with when it
+    was made and when its lease ends: every test proves its own teardown, so a line here points at
+    something made outside a Lease (or a clock that jumped under a running suite)."""
+    from slipstream.reaper import owned_by_run
+
+    try:
+        left = owned_by_run(cloud)
+    except CloudError as err:
+        left, note = {}, f"could not list what is left on the lab: {err}"
+    else:
+        note = ""
+    lines = [f"  run {run_id}: {r.kind.value} {r.name} created {r.created_at} lease ends {r.expires_at}"
+             for run_id, resources in sorted(left.items()) for r in resources]
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None or not (lines or note):
+        return
+    with capture.global_and_fixture_disabled():  # shown in CI's output, not swallowed with the teardown's
+        reporter.write_line("")
+        reporter.write_line(note or f"slipstream-owned resources left on the lab after the session "
+                                   f"(now {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC):")
+        for line in lines:
+            reporter.write_line(line)
 
 
 @pytest.fixture(scope="session", name="lab_admin_cloud")
