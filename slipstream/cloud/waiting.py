@@ -10,14 +10,26 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from slipstream.cloud.errors import CapacityError, ServerFailed, WaitTimeout
+from slipstream.cloud.errors import CapacityError, CloudError, QuotaExceeded, ServerFailed, WaitTimeout
 from slipstream.cloud.models import Server, ServerStatus
 from slipstream.cloud.port import CloudProvider
 
 ProgressCallback = Callable[[int, int, list[Server]], None]
 """Called after every round with (servers in the wanted state, servers waited for, last view)."""
 
-_NO_VALID_HOST = "no valid host"
+_CONSOLE_HINT = "Its console log may say more (slipstream ls shows it)."
+#: What an ERROR server's fault means, by the words Nova puts in it. A quota fault comes from
+#: Nova's second quota check, made after the batch was accepted (another request took the cores).
+_ERROR_FAULTS: dict[str, tuple[type[CloudError], str]] = {
+    "no valid host": (CapacityError, "Try another flavour or region, or try again later."),
+    "quota exceeded": (QuotaExceeded, ("Another request took the quota while this batch was being "
+                                       "built. Delete servers you no longer need (`slipstream reap`), "
+                                       "ask for fewer, or request a larger quota.")),
+}
+
+
+def _fault_kind(fault: str) -> str:
+    return next((words for words in _ERROR_FAULTS if words in fault.lower()), "")
 
 
 def wait_for_servers(
@@ -35,7 +47,7 @@ def wait_for_servers(
     """Wait until every server in ``server_ids`` (all of run ``run_id``) has ``status``.
 
     Returns the servers in the order of ``server_ids``. Raises :class:`ServerFailed` (or
-    :class:`CapacityError` for Nova's "No valid host") as soon as one goes to ERROR or vanishes,
+    :class:`CapacityError` for Nova's "No valid host", :class:`QuotaExceeded` for its quota recheck) as soon as one goes to ERROR or vanishes,
     and :class:`WaitTimeout` naming the laggards when ``timeout`` seconds pass.
     """
     wanted = list(server_ids)
@@ -53,14 +65,12 @@ def wait_for_servers(
                 )
             if server.status == ServerStatus.ERROR and status != ServerStatus.ERROR:
                 fault = server.fault or "no fault message"
-                kind = CapacityError if _NO_VALID_HOST in fault.lower() else ServerFailed
+                kind, hint = _ERROR_FAULTS.get(_fault_kind(fault), (ServerFailed, _CONSOLE_HINT))
                 err = kind(
                     f"server went to ERROR: {fault}",
                     resource=f"{server.name} ({server.flavor})",
                     cloud=cloud.name,
-                    hint="Try another flavour or region, or try again later."
-                    if kind is CapacityError
-                    else "Its console log may say more (slipstream ls shows it).",
+                    hint=hint,
                 )
                 err.fault = fault  # type: ignore[attr-defined]
                 raise err

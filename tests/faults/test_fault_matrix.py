@@ -1,7 +1,7 @@
 """The fault matrix: whatever the cloud does, nothing owned remains and the SUs metered are right.
 
 Each case makes the LocalCloud fail the way a busy Jetstream2 does — 503 bursts on create and on
-delete, a quota hit between two batches, no host for a GPU flavour, a boot slower than its
+delete, a quota hit between two batches or by Nova's recheck inside one, no host for a GPU flavour, a boot slower than its
 deadline, a delete that keeps failing, a create whose response is lost, a run started again —
 and then checks the two promises a researcher cares about:
 
@@ -142,6 +142,25 @@ def test_a_quota_hit_by_the_second_batch_cleans_the_first_and_charges_only_its_s
     assert {e.state for e in ledger.entries(who.run_id) if e.name.startswith("second")} == {"failed"}
     spent = assert_nothing_left_and_su_right(local_cloud, who.run_id)
     assert 0 < spent < 3 * su_per_hour(FLAVORS["m3.small"]) * 60 / 3600  # seconds, not hours
+
+
+def test_a_batch_failing_novas_quota_recheck_is_a_quota_error_and_all_of_it_is_deleted(local_cloud, tmp_path):
+    """Nova checks quota when the call is made and again once the batch is accepted; another
+    request can take the cores in between. The call then succeeds but every server of the batch
+    goes to ERROR with a quota fault: the run must say it is a quota problem, not a broken VM,
+    and the half-made batch must go."""
+    configure(local_cloud, quota_recheck=("m3.quad",))
+    who, ledger = owner("recheck"), Ledger(tmp_path / "ledger.db")
+    with pytest.raises(QuotaExceeded) as err:
+        with Lease(local_cloud, who, ledger=ledger) as lease:
+            batch = lease.create_servers(ServerSpec("wide", "m3.quad", NOOP, count=3))  # accepted
+            wait_for_servers(local_cloud, who.run_id, [s.id for s in batch], timeout=30, poll_interval=0.05)
+    assert "Quota exceeded for cores: Requested 12" in str(err.value)
+    assert "Another request took the quota" in str(err.value) and "slipstream reap" in str(err.value)
+    assert lease.proof.clean and sorted(r.name for r in lease.proof.deleted) == ["wide-1", "wide-2", "wide-3"]
+    histories = local_cloud.server_history(who.run_id)
+    assert [[s for s, _ in h.log] for h in histories] == [[S.BUILD, S.ERROR, S.DELETED]] * 3
+    assert assert_nothing_left_and_su_right(local_cloud, who.run_id) == 0.0  # ERROR is never charged
 
 
 def test_a_delete_failing_past_the_retries_is_reported_then_finished_by_run_id(local_cloud, tmp_path):

@@ -87,6 +87,10 @@ class FaultOptions:
     - ``extra_boot_delay``: seconds added to every boot.
     - ``error_flavors``: flavours whose servers go to ERROR at the end of their boot.
     - ``no_capacity``: flavours or families (e.g. ``"g3"``) for which no host is ever found.
+    - ``quota_recheck``: flavours or families whose batches pass the quota check when the call is
+      made and fail Nova's second check (``[quota] recheck_quota``), as when another request took
+      the cores in between: the call succeeds, and every server of the batch goes to ERROR with
+      Nova's "Quota exceeded for cores" fault.
     """
 
     error_rates: dict[str, float] = field(default_factory=dict)
@@ -95,6 +99,7 @@ class FaultOptions:
     extra_boot_delay: float = 0.0
     error_flavors: tuple[str, ...] = ()
     no_capacity: tuple[str, ...] = ()
+    quota_recheck: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for op, rate in self.error_rates.items():
@@ -194,6 +199,7 @@ class LocalCloudOptions:
                 extra_boot_delay=float(faults.get("extra_boot_delay", 0.0)),
                 error_flavors=tuple(faults.get("error_flavors") or ()),
                 no_capacity=tuple(faults.get("no_capacity") or ()),
+                quota_recheck=tuple(faults.get("quota_recheck") or ()),
             ),
             ssh_port=data.get("ssh_port"),
             network=data.get("network", "127.64.0.0/16"),

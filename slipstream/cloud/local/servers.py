@@ -16,7 +16,9 @@ delete_server       any                         DELETED (processes ended, addres
 A batch is all or nothing: quotas are checked for the whole batch before anything is created,
 and if one server finds no host, every server of the batch goes to ERROR with Nova's fault
 "No valid host was found..." (the call itself succeeds, as on Nova; waiting raises
-CapacityError).
+CapacityError). Nova checks quotas a second time after accepting a batch; when that fails
+(``FaultOptions.quota_recheck``), every server of the batch goes to ERROR with the quota fault and
+waiting raises QuotaExceeded.
 """
 
 from __future__ import annotations
@@ -123,6 +125,10 @@ class ServerOps(LocalCloudBase):
         ready: float | None = b.now + opts.boot_seconds(b.flavor.family)
         if place is None:  # no valid host: recorded, and ERROR at once, as Nova's scheduler does
             pending, ready, fault = None, None, NO_VALID_HOST
+        elif {b.flavor.name, b.flavor.family} & set(opts.faults.quota_recheck):
+            limit = opts.quotas.cores  # Nova's recheck words it as if the cores were all taken
+            pending, fault = S.ERROR, (f"Quota exceeded for cores: Requested {b.spec.count * b.flavor.vcpus}, "
+                                       f"but already used {limit} of {limit} cores")
         elif b.flavor.name in opts.faults.error_flavors:
             pending, fault = S.ERROR, (f"Build of instance {sid} aborted: flavour {b.flavor.name} is set "
                                        "to fail (LocalCloud fault injection).")
