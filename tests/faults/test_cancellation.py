@@ -251,6 +251,50 @@ def test_the_hooks_are_idempotent_and_a_cloud_they_cannot_load_is_reported_not_r
     assert "'no-such-cloud'" in logs[0] and "slipstream reap --yes" in logs[0]
 
 
+def test_the_hooks_follow_nested_runs_to_any_depth_each_on_its_own_cloud(prefect_harness, cloud_env, tmp_path):
+    """gpu-job (local) -> a pipeline step on another cloud -> vm-job inside it (no ``cloud``
+    parameter: its parent's). A crash of the outer run tears all three down where they live."""
+    from prefect import task
+
+    from blocks.local_cloud import LocalCloudBlock
+    from flows.vm_job import gpu_job, vm_job
+    from slipstream.cloud.local import LocalCloud
+    from slipstream.cloud.models import Ownership, ServerSpec
+    from slipstream.lease import Lease, teardown_run
+    from tasks.hooks import tear_down_flow_run
+
+    @task
+    def step() -> None:
+        """Only here to give nested flow runs a parent task run, as a subflow call does."""
+
+    other = LocalCloud(home=tmp_path / "other-cloud")
+    LocalCloudBlock(home=str(other.home)).save("hooks-other", overwrite=True)
+    with get_client(sync_client=True) as client:
+        outer = client.create_flow_run(gpu_job, parameters={"cloud": "local", "command": "true"})
+        middle = client.create_flow_run(vm_job, parameters={"cloud": "slipstream-local-cloud/hooks-other"},
+                                        parent_task_run_id=client.create_task_run(step, outer.id, "0").id)
+        inner = client.create_flow_run(vm_job, parameters={"command": "true"},
+                                       parent_task_run_id=client.create_task_run(step, middle.id, "0").id)
+        where = {outer.id: cloud_env, middle.id: other, inner.id: other}
+        try:
+            for run_id, cloud in where.items():  # what the dead runs left behind
+                Lease(cloud, Ownership.new("vm-job", run_id=str(run_id))).create_servers(
+                    ServerSpec("left", "m3.tiny", "slipstream-noop"))
+
+            proofs = tear_down_flow_run(gpu_job, outer, "crashed")
+            assert len(proofs) == 3 and all(p.clean and len(p.deleted) == 1 for p in proofs)
+            for run_id, cloud in where.items():
+                assert cloud.list_servers(str(run_id)) == [], f"run {run_id} left a server on {cloud.name}"
+            logs = wait_until(lambda: [m for m in _logs(client, str(outer.id)) if "tearing down" in m],
+                              timeout=30, what="the hook's plan in the run's logs")
+        finally:
+            for run_id, cloud in where.items():
+                teardown_run(cloud, str(run_id))
+    assert any(f"run(s) {outer.id} on cloud 'local'" in m for m in logs), logs
+    assert any(f"run(s) {middle.id}, {inner.id} on cloud 'slipstream-local-cloud/hooks-other'" in m
+               for m in logs), logs
+
+
 def test_the_flows_can_be_served_directly_their_parameters_resolve_in_the_runs_process(tmp_path):
     """`flow.serve()` pickles the flow by value into a fresh process (DirectSubprocessStarter);
     its typed parameters (Literal flavour names) must still validate there."""
