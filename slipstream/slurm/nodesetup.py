@@ -103,9 +103,34 @@ def _real_head(s: ClusterSettings, munge_key_b64: str = "") -> str:
             + "systemctl enable --now slurmctld\n")
 
 
+def node_name_script(cluster: str) -> str:
+    """Shell functions setting ``NODE`` to this VM's Slurm node name: its Nova name, read from the
+    metadata service. Nova names a batch ``<first node>-<i>`` and the resume program renames the
+    servers right after, so a name counts only once it is ``<cluster>-<number>``."""
+    prefix = shlex.quote(f"{cluster}-")
+    return f"""\
+node_name() {{
+  python3 -c 'import json, sys, urllib.request; print(json.load(urllib.request.urlopen(sys.argv[1], timeout=5))["name"])' \\
+    "${{SLIPSTREAM_METADATA_URL:-http://169.254.169.254/openstack/latest/meta_data.json}}"
+}}
+wait_for_node_name() {{
+  NODE=""
+  for _ in $(seq "${{SLIPSTREAM_NAME_TRIES:-120}}"); do
+    NODE=$(node_name 2>/dev/null || true)
+    number=${{NODE#{prefix}}}
+    if [ "$number" != "$NODE" ]; then case "$number" in ''|*[!0-9]*) ;; *) return 0;; esac; fi
+    sleep "${{SLIPSTREAM_NAME_WAIT:-5}}"
+  done
+  echo "slipstream: no node name of this cluster from the metadata service (last: ${{NODE:-none}})" >&2
+  return 1
+}}
+"""
+
+
 def _real_worker(s: ClusterSettings, munge_key_b64: str = "") -> str:
     return ("#!/bin/bash\n# slipstream: worker node of Slurm cluster " + s.name + " (real image)\nset -euo pipefail\n"
-            + _INSTALL + "have slurmd || install_pkgs slurmd munge\nensure_apptainer\n"
+            + _INSTALL + node_name_script(s.name) + "wait_for_node_name\n"
+            + "have slurmd || install_pkgs slurmd munge\nensure_apptainer\n"
             + _files(s, munge_key_b64 or "$SLIPSTREAM_MUNGE_KEY")
-            + 'mkdir -p /etc/default && echo "SLURMD_OPTIONS=-b -N $(hostname -s)" > /etc/default/slurmd\n'
+            + 'mkdir -p /etc/default && echo "SLURMD_OPTIONS=-b -N $NODE" > /etc/default/slurmd\n'
             + "systemctl enable --now slurmd\n")

@@ -17,6 +17,7 @@ from slipstream.cloud.errors import Conflict, InvalidRequest, NotFound, QuotaExc
 from slipstream.cloud.models import OWNER_TAG, Keypair, ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
 from slipstream.lease import Lease
+from slipstream.slurm.power import NodeBatch
 
 BOOT_TIMEOUT = 300.0
 
@@ -82,6 +83,18 @@ def test_a_batch_is_created_named_and_listed_by_its_owner(cloud, lease, owner, s
     ready = wait(cloud, owner, servers)
     assert [s.status for s in ready] == [ServerStatus.ACTIVE] * 2
     assert all(s.address for s in ready)
+
+
+def test_a_batch_can_name_each_of_its_servers(cloud, lease, owner, small_flavor, image):
+    """Slurm's resume program creates exactly the nodes it was handed, in one batch: on Nova, which
+    names a batch ``<name>-<i>``, the servers are renamed right after; waiting and listing see
+    the node names."""
+    nodes = NodeBatch("sw-2", small_flavor, image, count=3, names=("sw-2", "sw-3", "sw-7"))
+    servers = lease.create_servers(nodes)
+    assert [s.name for s in servers] == ["sw-2", "sw-3", "sw-7"]
+    ready = wait(cloud, owner, servers)
+    assert [s.name for s in ready] == ["sw-2", "sw-3", "sw-7"]
+    assert sorted(s.name for s in cloud.list_servers(run_id=owner.run_id)) == ["sw-2", "sw-3", "sw-7"]
 
 
 def test_user_metadata_travels_with_the_ownership(cloud, lease, owner, spec):

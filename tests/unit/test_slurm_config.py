@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 
+import pytest
+
 from slipstream.slurm.config import ClusterSettings, render_slurm_conf, write_cluster_files
-from slipstream.slurm.nodesetup import _real_head, _real_worker, head_user_data, worker_user_data
+from slipstream.slurm.nodesetup import (
+    _real_head,
+    _real_worker,
+    head_user_data,
+    node_name_script,
+    worker_user_data,
+)
 
 
 def _settings(tmp_path, **kw) -> ClusterSettings:
@@ -64,3 +74,20 @@ def test_user_data_scripts_are_valid_shell_and_start_the_daemons_in_the_foregrou
     for script in (_real_head(real), _real_worker(real)):
         subprocess.run(["bash", "-n"], input=script, text=True, check=True)
     assert "apptainer --version" in _real_worker(real)
+
+
+@pytest.mark.parametrize(("nova_name", "node"), [("sw-3", "sw-3"), ("sw-2-1", None), ("other-3", None), ("sw-", None)])
+def test_a_real_worker_takes_its_node_name_only_once_the_resume_has_renamed_it(tmp_path, nova_name, node):
+    """Nova first names a batch of sw-2, sw-3 as sw-2-1, sw-2-2; the worker must not start slurmd
+    as a node until the metadata service shows the name the resume program gave it."""
+    meta = tmp_path / "meta_data.json"
+    meta.write_text(json.dumps({"name": nova_name, "uuid": "x"}))
+    script = node_name_script("sw") + 'wait_for_node_name && echo "NODE=$NODE"'
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, check=False, env={
+        **os.environ, "SLIPSTREAM_METADATA_URL": meta.as_uri(), "SLIPSTREAM_NAME_TRIES": "3",
+        "SLIPSTREAM_NAME_WAIT": "0.1"})
+    if node:
+        assert done.returncode == 0 and done.stdout.strip() == f"NODE={node}"
+    else:
+        assert done.returncode == 1 and f"no node name of this cluster from the metadata service (last: {nova_name})" \
+            in done.stderr

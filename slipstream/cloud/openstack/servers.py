@@ -24,6 +24,7 @@ from slipstream.jetstream2 import FLAVORS, login_user_for_image
 
 #: How long a fresh batch may take to show up in a listing by tag (Nova lists build requests).
 LIST_AFTER_CREATE_TIMEOUT = 30.0
+NAME_BATCH_TIMEOUT = 120.0  # seconds for a named batch to leave scheduling and take its names
 _METADATA_LIMIT = 255
 
 
@@ -78,7 +79,8 @@ class ServerOperations(OpenStackBase):
         """Create ``spec.count`` servers in one Nova request (``min_count = max_count``).
 
         Ownership tags and metadata go into that request. Nova names a batch ``<name>-<i>``;
-        the servers are then found with one listing by the run's tag.
+        the servers are then found with one listing by the run's tag. A spec that names each
+        server (Slurm's nodes of one resume call) gets those names by a rename right after.
         """
         flavor = self._flavor(spec.flavor)
         image = self._image(spec.image)
@@ -111,6 +113,9 @@ class ServerOperations(OpenStackBase):
         self._remember("server", first.id)
         try:
             servers = self._find_batch(spec, owner, first.id)
+            wanted = spec.server_names()
+            if [s.name for s in servers] != wanted:
+                servers = self._name_batch(servers, wanted, owner)
         except CloudError:
             self._remove_batch(spec, owner, first.id)  # all or none
             raise
@@ -123,7 +128,7 @@ class ServerOperations(OpenStackBase):
         survives carries the run's tag, so the Lease's teardown or the reaper finds it later."""
         ids = {first_id}
         try:
-            names = set(spec.server_names())
+            names = set(spec.server_names()) | set(_novas_names(spec))
             ids |= {s.id for s in self.list_servers(owner.run_id) if s.name in names}
         except CloudError as err:
             log.warning("cannot list the batch %s to remove it: %s", spec.name, err)
@@ -133,8 +138,33 @@ class ServerOperations(OpenStackBase):
             except CloudError as err:
                 log.warning("cannot remove server %s of a failed batch: %s", server_id, err)
 
+    def _name_batch(self, servers: list[Server], wanted: list[str], owner: Ownership) -> list[Server]:
+        """Give each server of a batch its wanted name. Nova drops a rename made while a server
+        is still being scheduled (it is then only a build request), so a server is renamed once
+        it is past scheduling, and the names count only when a listing shows them."""
+        want = {server.id: name for server, name in zip(servers, wanted, strict=True)}
+        tags = f"{OWNER_TAG},{RUN_TAG_PREFIX}{owner.run_id}"
+        deadline = time.monotonic() + NAME_BATCH_TIMEOUT
+        while True:
+            seen = {s.id: s for s in self._read("listing servers", lambda: self.conn.compute.servers(
+                details=True, tags=tags)) if s.id in want}
+            scheduling = [i for i in want if i not in seen or seen[i].task_state == "scheduling"]
+            misnamed = [i for i in want if i in seen and i not in scheduling and seen[i].name != want[i]]
+            if not scheduling and not misnamed:
+                return [replace(server, name=want[server.id]) for server in servers]
+            if time.monotonic() > deadline:
+                raise TransientError(
+                    f"Nova did not take the names {', '.join(want[i] for i in scheduling + misnamed)} "
+                    f"within {NAME_BATCH_TIMEOUT:.0f} s ({len(scheduling)} server(s) still scheduling)",
+                    resource=", ".join(wanted), cloud=self.name,
+                    hint="The batch is deleted; try again (Nova may be slow to schedule right now).")
+            for server_id in misnamed:
+                self._call("naming a server of a batch",
+                           lambda i=server_id: self.conn.compute.update_server(i, name=want[i]), want[server_id])
+            time.sleep(0.5)
+
     def _find_batch(self, spec: ServerSpec, owner: Ownership, first_id: str) -> list[Server]:
-        names = spec.server_names()
+        names = _novas_names(spec)
         deadline = time.monotonic() + LIST_AFTER_CREATE_TIMEOUT
         while True:
             by_name: dict[str, Server] = {}
@@ -300,3 +330,10 @@ def _check_metadata(metadata: dict[str, str], resource: str, cloud: str) -> None
             )
     if len(metadata) > 128:
         log.warning("%d metadata items on %s; Nova's default limit is 128", len(metadata), resource)
+
+
+def _novas_names(spec: ServerSpec) -> list[str]:
+    """What Nova calls the servers of one create request: ``<name>`` alone, else ``<name>-1`` …
+    (its default ``multi_instance_display_name_template``) — ServerSpec's own rule, whatever
+    names a subclass asks for."""
+    return ServerSpec.server_names(spec)
