@@ -35,10 +35,9 @@ PATH (Jetstream2's Featured images have python3 but not Dask), pinned to this pr
 so the worker matches the scheduler (``worker_packages`` adds more, e.g. prefect and prefect-dask
 for Prefect tasks, and the package your tasks live in). The LocalCloud skips the install: its
 "image" has this process's venv, Dask included, on PATH.
-Limit: a shelved worker is woken by unshelve, but it only rejoins if its image restarts the
-worker at boot (the user_data writes a cloud-init per-boot script for that on real images). The
-LocalCloud runs user_data once per instance and no per-boot scripts, so parking Dask workers there
-is refused at configuration; the idle policy itself is tested on LocalCloud VMs directly.
+A parked (shelved) worker is woken by unshelve and rejoins by itself: the user_data leaves a
+cloud-init per-boot script that starts ``dask worker`` again at every boot (the LocalCloud runs
+per-boot scripts too).
 """
 
 from __future__ import annotations
@@ -109,12 +108,14 @@ if ! command -v dask >/dev/null 2>&1; then
     /opt/slipstream-dask/bin/pip install -q {pkgs}
   fi
   PATH=/opt/slipstream-dask/bin:$PATH
-  # Rejoin after an unshelve or reboot: cloud-init runs per-boot scripts on every boot.
-  mkdir -p /var/lib/cloud/scripts/per-boot
-  printf '#!/bin/sh\\nexec setsid %s >>/var/log/slipstream-dask.log 2>&1 &\\n' "$0" \\
-    > /var/lib/cloud/scripts/per-boot/slipstream-dask.sh
-  chmod +x /var/lib/cloud/scripts/per-boot/slipstream-dask.sh
 fi
+# Rejoin after an unshelve or a reboot: cloud-init runs per-boot scripts at every boot (the
+# local cloud too, under the VM's disk). The worker stays in the boot's process group.
+disk="${{SLIPSTREAM_VM_DISK:-}}"
+mkdir -p "$disk/var/lib/cloud/scripts/per-boot" "$disk/var/log"
+printf "#!/bin/sh\\n'%s' >>'%s' 2>&1 &\\n" "$0" "$disk/var/log/slipstream-dask.log" \\
+  > "$disk/var/lib/cloud/scripts/per-boot/slipstream-dask.sh"
+chmod +x "$disk/var/lib/cloud/scripts/per-boot/slipstream-dask.sh"
 exec dask worker {sched} --host "$addr" --name "$name" --nthreads {int(nthreads)} \\
   --no-nanny --no-dashboard --death-timeout {death_timeout:.0f}
 """
@@ -328,11 +329,6 @@ class CloudDaskCluster(SpecCluster):
         if image not in images:
             raise InvalidRequest(f"image {image!r} is not on {cloud.name}", resource="CloudDaskCluster",
                                  hint=f"Images there: {', '.join(sorted(images))}.")
-        if self.config.idle.parks and cloud.name == "local":
-            raise InvalidRequest(
-                f"idle action {self.config.idle.action.value!r} cannot bring Dask workers back on the local cloud",
-                resource="CloudDaskCluster", hint="A parked worker rejoins through a cloud-init per-boot script, "
-                "which the local cloud does not run (it runs user_data once per VM); use idle action 'delete' here.")
         self.flavor = self.config.chosen_flavor
         self.owner = Ownership.new(pipeline, run_id=run_id, lease=timedelta(hours=lease_hours))
         self.lease = Lease(cloud, self.owner, on_event=on_event)

@@ -13,9 +13,12 @@ import distributed
 import numpy as np
 import pytest
 
+from slipstream.accounting import meter_servers
 from slipstream.cloud.errors import InvalidRequest
+from slipstream.cloud.models import ServerStatus
 from slipstream.cloud.local.addresses import tcp_listeners
 from slipstream.dask_cluster import CloudDaskCluster, worker_user_data
+from slipstream.jetstream2 import FLAVORS, su_per_hour
 from tests.support import wait_until
 
 SCALING = {"max_workers": 4, "batch_size": 2, "cooldown_seconds": 1.0, "boot_seconds": 1.0, "flavor": "m3.small"}
@@ -105,11 +108,42 @@ def test_bad_settings_are_refused_before_any_vm_exists(local_cloud):
         CloudDaskCluster(local_cloud, image="Featured-Ubuntu99")
     with pytest.raises(InvalidRequest, match="bad scaling settings.*max_wrokers"):
         CloudDaskCluster(local_cloud, image="slipstream-noop", scaling={"max_wrokers": 3})
-    with pytest.raises(InvalidRequest, match="cannot bring Dask workers back on the local cloud.*use idle action 'delete'"):
-        CloudDaskCluster(local_cloud, image="slipstream-noop", scaling={"idle": {"action": "shelve"}})
     with pytest.raises(InvalidRequest, match="'suspend' is not allowed for g3.medium"):
         CloudDaskCluster(local_cloud, image="slipstream-noop", scaling={"flavor": "g3.medium", "idle": {"action": "suspend"}})
     assert local_cloud.list_servers() == []
+
+
+def test_a_released_worker_is_shelved_for_no_sus_and_rejoins_by_itself_after_unshelve(local_cloud):
+    scaling = {**SCALING, "idle": {"action": "shelve", "park_when_back_within_seconds": 600}}
+    with CloudDaskCluster(local_cloud, image="slipstream-noop", scaling=scaling) as cluster:
+        cluster.vms.next_work_in = lambda: 60.0  # what adapt()'s forecast says when bursts keep coming
+        cluster.scale(1)
+        wait_until(lambda: len(cluster.scheduler_info["workers"]) == 1, timeout=60, what="the worker joined")
+        (server,) = local_cloud.list_servers(run_id=cluster.run_id)
+        address = cluster.scheduler_address
+
+        cluster.scale(0)  # released while work is expected back: parked, not deleted
+        wait_until(lambda: cluster.vms.pool.parked() == [server.name]
+                   and local_cloud.get_server(server.id).status == ServerStatus.SHELVED_OFFLOADED, timeout=60,
+                   what="the released worker's VM shelved and counted as parked")
+        wait_until(lambda: not cluster.scheduler_info["workers"] and not processes_naming(address), timeout=30,
+                   what="the shelved VM's dask worker gone")
+
+        cluster.scale(1)  # parked VMs come back first: unshelve, and the per-boot script restarts the worker
+        wait_until(lambda: [w["name"] for w in cluster.scheduler_info["workers"].values()] == [server.name],
+                   timeout=60, what="the unshelved worker rejoined under its name")
+        assert [s.id for s in local_cloud.list_servers(run_id=cluster.run_id)] == [server.id]  # no new VM
+        with distributed.Client(cluster) as client:
+            assert client.submit(lambda: 6 * 7).result(timeout=30) == 42
+    assert cluster.teardown_proof.clean
+    (history,) = local_cloud.server_history(cluster.run_id)
+    states = [s for s, _ in history.log]
+    shelved = states.index(ServerStatus.SHELVED_OFFLOADED)
+    assert ServerStatus.ACTIVE in states[:shelved] and ServerStatus.ACTIVE in states[shelved:]
+    (metered,) = meter_servers(local_cloud, [(history.id, history.name, history.flavor)])
+    active_hours = sum((nxt[1] - since).total_seconds() / 3600
+                       for (status, since), nxt in zip(history.log, history.log[1:]) if status == ServerStatus.ACTIVE)
+    assert metered.su == pytest.approx(active_hours * su_per_hour(FLAVORS["m3.small"]), rel=1e-9)  # shelved: 0 SU
 
 
 def test_the_worker_user_data_installs_matching_dask_on_real_images():

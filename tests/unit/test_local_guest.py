@@ -111,9 +111,15 @@ packages: [htop]
     assert "'packages' is not supported" in console
 
 
-def test_user_data_runs_once_per_instance(local_cloud):
-    server, who = boot(local_cloud, ServerSpec("once", "m3.tiny", NOOP,
-                                               user_data="#!/bin/sh\necho run >> $HOME/runs\n"))
+def test_user_data_runs_once_per_instance_and_per_boot_scripts_at_every_boot(local_cloud):
+    # As with cloud-init, a per-boot script written by user_data runs from the next boot on.
+    user_data = """#!/bin/sh
+echo run >> $HOME/runs
+mkdir -p $SLIPSTREAM_VM_DISK/var/lib/cloud/scripts/per-boot
+printf '#!/bin/sh\\necho boot >> $HOME/boots\\n' > $SLIPSTREAM_VM_DISK/var/lib/cloud/scripts/per-boot/10-count
+chmod +x $SLIPSTREAM_VM_DISK/var/lib/cloud/scripts/per-boot/10-count
+"""
+    server, who = boot(local_cloud, ServerSpec("once", "m3.tiny", NOOP, user_data=user_data))
     local_cloud.stop_server(server.id)
     local_cloud.start_server(server.id)
     wait_for_servers(local_cloud, who.run_id, [server.id], timeout=20, poll_interval=0.05)
@@ -123,6 +129,7 @@ def test_user_data_runs_once_per_instance(local_cloud):
     wait_for_servers(local_cloud, who.run_id, [server.id], timeout=20, poll_interval=0.05)
     wait_until(lambda: local_cloud.console_log(server.id).count(FINISHED) == 3, what="third boot")
     assert (disk(local_cloud, server) / "home/runs").read_text() == "run\n"
+    assert (disk(local_cloud, server) / "home/boots").read_text() == "boot\nboot\n"  # after stop/start, unshelve
 
 
 def test_write_files_never_leaves_the_disk_even_through_a_symlink(tmp_path):

@@ -9,7 +9,8 @@ part of the VM's operating system and cloud-init:
    (:mod:`slipstream.cloud.local.sshd`) and prints its host key fingerprints to the console as
    cloud-init does. (cloud-init prints them after user_data; here they come first, so that a
    user_data that never ends, like a Dask worker, does not hide them);
-3. runs user_data once per instance (not again after stop/start or unshelve);
+3. runs the per-boot scripts on its disk at every boot, then user_data once per instance (not
+   again after stop/start or unshelve);
 4. while a floating IP is attached (``meta.json``), forwards each TCP port listening on the
    VM's address from the floating IP too, like Neutron's 1:1 NAT;
 5. exits on SIGTERM, or by itself when its VM directory disappears.
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from slipstream.cloud.local.addresses import listens, tcp_listeners
 from slipstream.cloud.local.processes import HOME_MARKER, VM_MARKER
-from slipstream.cloud.local.userdata import run_user_data
+from slipstream.cloud.local.userdata import run_per_boot_scripts, run_user_data
 
 POLL = 0.5  # seconds between looks at meta.json and the listening ports
 CLOUD_INIT = "Cloud-init v. 24.4 (slipstream-local)"
@@ -172,6 +173,13 @@ class Guest:
     async def services(self) -> None:
         if self.meta.get("runs_sshd"):
             await self.start_sshd()
+        boot_scripts = asyncio.create_task(run_per_boot_scripts(self.disk, self.env(), say))
+        stop = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait({boot_scripts, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not boot_scripts.done():  # the VM is stopping
+            boot_scripts.cancel()
+            return
         user_data = self.meta.get("user_data")
         marker = self.disk / "var/lib/cloud/instance/sem/user_data"
         if user_data and not marker.exists():

@@ -12,6 +12,11 @@ Two forms are understood, the two slipstream uses:
 
 Everything runs with cwd ``<disk>/home``, ``HOME`` set to it, and output going to the VM's
 console log. Each command's failure is reported and the rest still run (cloud-init does too).
+
+user_data runs once per instance; at *every* boot, before it, the executables in
+``<disk>/var/lib/cloud/scripts/per-boot`` run in name order, as cloud-init's scripts-per-boot do
+(``$SLIPSTREAM_VM_DISK`` tells a script where the VM's disk is). That is how a worker restarts
+itself after an unshelve.
 """
 
 from __future__ import annotations
@@ -155,5 +160,21 @@ async def run_user_data(user_data: str, disk: Path, env: Mapping[str, str], say:
         code = await _run(argv, home, env)
         if code != 0:
             say(f"runcmd[{i}] exited with status {code}")
+            failed += 1
+    return failed
+
+
+PER_BOOT = "var/lib/cloud/scripts/per-boot"
+
+
+async def run_per_boot_scripts(disk: Path, env: Mapping[str, str], say: Say) -> int:
+    """Run the VM's per-boot scripts, each to its end; returns how many failed."""
+    folder = disk / PER_BOOT
+    scripts = sorted(p for p in folder.iterdir() if p.is_file() and os.access(p, os.X_OK)) if folder.is_dir() else []
+    failed = 0
+    for script in scripts:
+        code = await _run([str(script)], disk / "home", env)
+        if code != 0:
+            say(f"per-boot script {script.name} exited with status {code}")
             failed += 1
     return failed
