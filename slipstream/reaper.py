@@ -17,7 +17,8 @@ How a run's state is resolved (:func:`run_resolver`), in this order:
 2. **Prefect**, if it can be asked: Scheduled/Pending/Running/Paused/Cancelling → LIVE,
    Completed/Failed → FINISHED, Crashed → CRASHED, Cancelled → CANCELLED. Exception: Prefect says
    the run is still going but every process that held its lease was on this host and is gone
-   (a flow killed outside a runner never reports its crash) → CRASHED.
+   (a flow killed outside a runner never reports its crash), or the run's heartbeat
+   (:mod:`slipstream.heartbeat`) stopped more than ``STALE_AFTER`` ago (its host died) → CRASHED.
 3. **The ledger alone**: the run's processes were all on this host and are gone → CRASHED.
 4. Otherwise UNKNOWN if Prefect was asked and has no such run; UNRESOLVED if Prefect could not
    be asked and nothing on this host knows the run (it may be alive on another machine).
@@ -45,6 +46,7 @@ from pathlib import Path
 
 from slipstream.cloud.local.processes import proc_stat
 from slipstream.cloud.port import CloudProvider
+from slipstream.heartbeat import STALE_AFTER
 from slipstream.lease import EventCallback, ResourceKind, TeardownProof, teardown_run
 from slipstream.ledger import Ledger, RunProcess
 from slipstream.retry import DEFAULT_RETRY, RetryPolicy
@@ -109,6 +111,7 @@ class PrefectRun:
     state_type: str  # prefect StateType value: "RUNNING", "COMPLETED", "CRASHED", ...
     state_name: str
     ended_at: datetime | None = None
+    last_heartbeat: datetime | None = None  # the run's newest heartbeat, if it ever beat
 
 
 class PrefectUnreachable(Exception):
@@ -174,6 +177,10 @@ class RunResolver:
             state = _PREFECT_STATES.get(prefect.state_type, RunState.UNKNOWN)
             if state == RunState.LIVE and local_and_gone:
                 return RunStatus(RunState.CRASHED, f"Prefect says {prefect.state_name} but {gone}")
+            beat = prefect.last_heartbeat
+            if state == RunState.LIVE and beat is not None and datetime.now(UTC) - beat > STALE_AFTER:
+                return RunStatus(RunState.CRASHED, f"Prefect says {prefect.state_name} but its heartbeat "
+                                 f"stopped at {beat:%Y-%m-%d %H:%M:%S} UTC", beat)
             return RunStatus(state, f"Prefect: {prefect.state_name}", prefect.ended_at)
         if local_and_gone:
             return RunStatus(RunState.CRASHED, gone)

@@ -20,7 +20,6 @@ from contextlib import contextmanager
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
-from prefect.events import emit_event
 
 from blocks.allocation import load_allocation
 from slipstream.accounting import PlannedServers
@@ -28,6 +27,8 @@ from slipstream.budget import Allocation, BudgetVerdict, check_plan, enforce
 from slipstream.cloud.errors import BudgetExceeded
 from slipstream.lease import Lease, teardown_run
 from slipstream.watchdog import WARNING_THRESHOLDS, BudgetWatchdog
+from tasks.events import run_event
+from tasks.heartbeat import run_heartbeat
 
 THRESHOLD_EVENT = "slipstream.budget.threshold"
 SPENT_EVENT = "slipstream.budget.spent"
@@ -69,15 +70,6 @@ def guard_budget(
     return budget_su, held
 
 
-def budget_event(event: str, run_id: str, payload: dict) -> None:
-    emit_event(
-        event=event,
-        resource={"prefect.resource.id": f"slipstream.run.{run_id}", "prefect.resource.name": run_id},
-        related=[{"prefect.resource.id": f"prefect.flow-run.{run_id}", "prefect.resource.role": "flow-run"}],
-        payload=payload,
-    )
-
-
 def start_budget_watchdog(
     lease: Lease,
     budget_su: float | None,
@@ -101,12 +93,12 @@ def start_budget_watchdog(
     def on_threshold(fraction: float, spent: float, budget: float) -> None:
         logger.warning("budget: %.0f %% spent (%.4f of %.4f SU, burning %.2f SU/h)",
                        fraction * 100, spent, budget, watchdog.su_per_hour)
-        budget_event(THRESHOLD_EVENT, run_id, {**common, "fraction": fraction, "spent": round(spent, 6),
+        run_event(THRESHOLD_EVENT, run_id, {**common, "fraction": fraction, "spent": round(spent, 6),
                                                "su_per_hour": watchdog.su_per_hour})
 
     def on_exhausted(spent: float, budget: float) -> None:
         logger.error("budget spent: %.4f of %.4f SU; deleting everything run %s holds", spent, budget, run_id)
-        budget_event(SPENT_EVENT, run_id, {**common, "spent": round(spent, 6)})
+        run_event(SPENT_EVENT, run_id, {**common, "spent": round(spent, 6)})
         if stop_work is not None:
             try:
                 stop_work()
@@ -127,6 +119,8 @@ def watching_budget(
     stop_work: Callable[[], object] | None = None,
 ) -> Iterator[BudgetWatchdog | None]:
     """Meter the run while the block does its work; if the budget ran out, fail with "budget spent".
+    Meanwhile the run beats its heartbeat (:mod:`tasks.heartbeat`), budget or not, so the reaper
+    can tell when its process died with its host.
 
     Use inside the lease, around the work only, so the lease's own teardown is never metered as
     "over budget"::
@@ -138,6 +132,7 @@ def watching_budget(
     raised (a dropped SSH session, a vanished Slurm node) is replaced by BudgetExceeded.
     """
     watchdog = start_budget_watchdog(lease, budget_su, allocation=allocation, interval=interval, stop_work=stop_work)
+    heartbeat = run_heartbeat(lease).start()
     try:
         yield watchdog
     except Exception as err:
@@ -147,6 +142,7 @@ def watching_budget(
                 raise budget_spent_error(watchdog) from err
         raise
     finally:
+        heartbeat.stop()
         if watchdog is not None:
             watchdog.stop()
     if watchdog is not None and watchdog.exhausted:

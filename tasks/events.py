@@ -1,4 +1,5 @@
-"""Prefect events for resources: ``slipstream.resource.created`` / ``.deleted`` / ``.leaked``.
+"""Prefect events for resources (``slipstream.resource.created`` / ``.deleted`` / ``.leaked``)
+and for runs (budget thresholds, heartbeats: :func:`run_event`).
 
 Automations can react to them (for instance, alert when a GPU server lives longer than a day).
 Resource ids look like ``slipstream.server.<id>``; the run id and cloud are related resources.
@@ -55,4 +56,14 @@ def emit_leaked(cloud_name: str, run_id: str, pipeline: str, kind: str, resource
             }
         ],
         payload={"kind": kind, "run_state": state, "reason": reason},
+    )
+
+
+def run_event(event: str, run_id: str, payload: dict) -> None:
+    """An event about run ``run_id`` (resource ``slipstream.run.<id>``, the flow run related)."""
+    emit_event(
+        event=event,
+        resource={"prefect.resource.id": f"slipstream.run.{run_id}", "prefect.resource.name": run_id},
+        related=[{"prefect.resource.id": f"prefect.flow-run.{run_id}", "prefect.resource.role": "flow-run"}],
+        payload=payload,
     )

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from slipstream.cloud.errors import CloudError
+from slipstream.heartbeat import HEARTBEAT_EVENT
 from slipstream.reaper import (
     OwnedResource,
     PrefectLookup,
@@ -70,9 +71,26 @@ def prefect_lookup(client) -> PrefectLookup:
         state = run.state
         if state is None:
             return PrefectRun("PENDING", "no state yet")
-        return PrefectRun(state.type.value, state.name, run.end_time)
+        beat = last_heartbeat(client, run_id) if state.type.value == "RUNNING" else None
+        return PrefectRun(state.type.value, state.name, run.end_time, beat)
 
     return ask
+
+
+def last_heartbeat(client, run_id: str) -> datetime | None:
+    """When the run last beat: slipstream's own heartbeat (``tasks/heartbeat.py``) or the one a
+    Prefect runner sends with ``PREFECT_RUNNER_HEARTBEAT_FREQUENCY`` set; None if it never did."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOrder, EventResourceFilter
+
+    try:
+        page = client.read_events(filter=EventFilter(
+            event=EventNameFilter(name=[HEARTBEAT_EVENT, "prefect.flow-run.heartbeat"]),
+            resource=EventResourceFilter(id=[f"slipstream.run.{run_id}", f"prefect.flow-run.{run_id}"]),
+            order=EventOrder.DESC), limit=1)
+    except Exception as err:  # noqa: BLE001 - without beats the run is judged by its state alone
+        log.info("could not read the heartbeat of run %s: %s", run_id, err)
+        return None
+    return page.events[0].occurred if page.events else None
 
 
 def configured_clouds(client, extra: Iterable[str] = ()) -> list[str]:

@@ -124,3 +124,56 @@ def test_without_a_reachable_prefect_api_the_cli_resolves_locally_and_says_so(cl
     listed = _cli("ls", api="http://127.0.0.1:9/api")
     assert "elsewhere" in listed.stdout and "listing the local cloud only" in listed.stdout
     assert Lease(cloud_env, Ownership.new("x", run_id="0123456789abcdef0123456789abcdee")).teardown().clean
+
+
+def test_a_running_run_whose_heartbeat_stopped_is_reaped_and_one_still_beating_is_kept(cloud_env, prefect_api, tmp_path):
+    """Prefect says both are Running; nothing on this host knows them (their host is another
+    machine). One last beat 10 minutes ago — its host died with it — the other beats still."""
+    from datetime import UTC, datetime, timedelta
+
+    from slipstream.heartbeat import HEARTBEAT_EVENT
+    from tasks.events import run_event
+    from tasks.reap import reap_clouds
+
+    other = Ledger(tmp_path / "another-host.db")
+    with get_client(sync_client=True) as client:
+        dead, alive = _flow_run(client, StateType.RUNNING), _flow_run(client, StateType.RUNNING)
+    for run_id in (dead, alive):
+        _left_behind(cloud_env, run_id, other)
+    from prefect.events import emit_event
+
+    emit_event(event=HEARTBEAT_EVENT, resource={"prefect.resource.id": f"slipstream.run.{dead}"},
+               occurred=datetime.now(UTC) - timedelta(minutes=10))
+    run_event(HEARTBEAT_EVENT, alive, {"cloud": "local"})
+    wait_until(lambda: _beats(dead) and _beats(alive), timeout=60, what="both heartbeats stored")
+
+    with get_client(sync_client=True) as client:
+        (report,) = reap_clouds(["local"], grace=timedelta(0), act=True, client=client)
+    verdicts = {v.run_id: v for v in report.verdicts}
+    assert verdicts[dead].status.state.value == "crashed" and "heartbeat stopped at" in verdicts[dead].status.basis
+    assert verdicts[alive].status.state.value == "live" and list(report.proofs) == [dead]
+    assert cloud_env.list_servers(dead) == [] and len(cloud_env.list_servers(alive)) == 1
+    assert Lease(cloud_env, Ownership.new("elsewhere", run_id=alive), ledger=other).teardown().clean
+
+
+def test_a_flow_beats_its_heartbeat_while_it_works(cloud_env, prefect_api, monkeypatch):
+    from flows.vm_job import vm_job
+
+    monkeypatch.setenv("SLIPSTREAM_HEARTBEAT_SECONDS", "0.5")
+    result = vm_job(flavor="m3.tiny", command="sleep 3")
+    beats = wait_until(lambda: (b := _beats(result.run_id)) and len(b) >= 4 and b, timeout=60,
+                       what="the run's heartbeats")
+    assert all(b.payload == {"cloud": "local", "pipeline": "vm-job"} for b in beats)
+    assert result.teardown_clean
+
+
+def _beats(run_id: str) -> list:
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    from slipstream.heartbeat import HEARTBEAT_EVENT
+
+    with get_client(sync_client=True) as client:
+        page = client.read_events(filter=EventFilter(
+            event=EventNameFilter(name=[HEARTBEAT_EVENT]),
+            resource=EventResourceFilter(id=[f"slipstream.run.{run_id}"])), limit=50)
+    return page.events

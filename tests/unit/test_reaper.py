@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 from slipstream.cloud.errors import NotFound
 from slipstream.cloud.models import Ownership, ServerSpec
 from slipstream.lease import Lease
+from slipstream.heartbeat import STALE_AFTER, Heartbeat
 from slipstream.ledger import Ledger
 from slipstream.reaper import (
     REAP_TABLE,
@@ -33,7 +35,7 @@ from slipstream.reaper import (
     open_ledger,
     reap,
 )
-from support import owner
+from support import owner, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE7x0Ff0Hnm3zQPMjLeCzLWV1dNfmSbEW9FbgpmPZx0X reaper-test"
@@ -162,6 +164,34 @@ def test_prefects_view_decides_for_runs_this_host_does_not_hold(local_cloud, led
     reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=views.get), grace=NO_GRACE, act=True,
          ledger=ledger)
     assert owned(local_cloud, None) == 0
+
+
+def test_a_running_run_is_crashed_once_its_heartbeat_is_stale_and_live_while_it_beats():
+    now = datetime.now(UTC)
+    views = {"a" * 32: PrefectRun("RUNNING", "Running", last_heartbeat=now - STALE_AFTER - timedelta(seconds=5)),
+             "b" * 32: PrefectRun("RUNNING", "Running", last_heartbeat=now - timedelta(seconds=30)),
+             "c" * 32: PrefectRun("RUNNING", "Running"),  # never beat (an older slipstream): its state decides
+             "d" * 32: PrefectRun("COMPLETED", "Completed", now, last_heartbeat=now - timedelta(hours=1))}
+    resolve = RunResolver([], ask_prefect=views.get)
+    stale = resolve("a" * 32)
+    assert stale.state == RunState.CRASHED and "heartbeat stopped at" in stale.basis
+    assert stale.ended_at == views["a" * 32].last_heartbeat  # the grace period counts from the last beat
+    assert [resolve(r * 32).state for r in "bcd"] == [RunState.LIVE, RunState.LIVE, RunState.FINISHED]
+
+
+def test_a_heartbeat_beats_until_stopped_and_survives_a_failing_beat():
+    calls: list[float] = []
+
+    def beat() -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 2:
+            raise ConnectionError("the API blinked")
+
+    heartbeat = Heartbeat(beat, interval=0.05).start()
+    wait_until(lambda: len(calls) >= 4, timeout=10, what="four beats")
+    heartbeat.stop()
+    assert not heartbeat.running  # stop() returns once its thread is gone: no beat can follow
+    assert heartbeat.beats == len(calls) - 1  # the failed beat is not counted, and the next ones came
 
 
 def test_a_resource_without_slipstream_ownership_is_never_touched(local_cloud, ledger, tmp_path):

@@ -1,0 +1,80 @@
+"""A run's heartbeat: proof, every minute, that the process holding a run's resources is alive.
+
+The reaper cannot see a process on another machine. When a worker host dies with its flow run,
+nobody tells Prefect, which keeps saying "Running" until the run's lease expires (hours). A run
+that beats while it holds resources lets the reaper tell sooner: Prefect says Running, but the
+beats stopped :data:`STALE_AFTER` ago, so the run is treated as crashed.
+
+:class:`Heartbeat` only calls ``beat()`` on a daemon thread; what a beat is (a Prefect event, see
+``tasks/heartbeat.py``) is the caller's business, so the core knows nothing of Prefect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+
+log = logging.getLogger("slipstream.heartbeat")
+
+#: The event a beat is, in Prefect (resource ``slipstream.run.<run id>``).
+HEARTBEAT_EVENT = "slipstream.run.heartbeat"
+
+#: Seconds between beats (``SLIPSTREAM_HEARTBEAT_SECONDS`` overrides it, e.g. in tests).
+DEFAULT_INTERVAL = 60.0
+#: A run whose last beat is older than this is dead: five beats missed, so a slow API or a busy
+#: host never makes a live run look dead.
+STALE_AFTER = timedelta(seconds=5 * DEFAULT_INTERVAL)
+
+
+def interval_from_env() -> float:
+    raw = os.environ.get("SLIPSTREAM_HEARTBEAT_SECONDS", "")
+    try:
+        return float(raw) if raw and float(raw) > 0 else DEFAULT_INTERVAL
+    except ValueError:
+        log.warning("SLIPSTREAM_HEARTBEAT_SECONDS=%r is not a number of seconds; using %.0f", raw, DEFAULT_INTERVAL)
+        return DEFAULT_INTERVAL
+
+
+class Heartbeat:
+    """Call ``beat`` now and then every ``interval`` seconds until :meth:`stop`. A failing beat is
+    logged and the next one tried: a missed beat is harmless, a dead heartbeat thread is not."""
+
+    def __init__(self, beat: Callable[[], object], interval: float | None = None) -> None:
+        self.beat = beat
+        self.interval = interval or interval_from_env()
+        self.beats = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="slipstream-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def __enter__(self) -> Heartbeat:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.beat()
+                self.beats += 1
+            except Exception as err:  # noqa: BLE001 - keep beating
+                log.warning("a heartbeat could not be sent (%s: %s); trying again in %.0f s",
+                            type(err).__name__, err, self.interval)
+            if self._stop.wait(self.interval):
+                return
