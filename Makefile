@@ -13,7 +13,8 @@ APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -o DPkg::Lock::Timeout=
 # openssh-server: local-cloud VMs from Featured images run a real sshd.
 # slurmctld slurmd slurm-client munge: the elastic Slurm tests run real daemons (slurm-wlm's
 # plugin packages are not needed).
-DEBIAN_PACKAGES := openssh-server openssh-client slurmctld slurmd slurm-client munge
+# chromium: tests/integration/test_burn_chart_in_ui.py renders the burn chart in the real Prefect UI.
+DEBIAN_PACKAGES := openssh-server openssh-client slurmctld slurmd slurm-client munge chromium
 
 .PHONY: demo test install python-deps debian-deps lab-up lab-down lock clean-local
 
