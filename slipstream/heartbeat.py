@@ -30,12 +30,18 @@ STALE_AFTER = timedelta(seconds=5 * DEFAULT_INTERVAL)
 
 
 def interval_from_env() -> float:
+    """``SLIPSTREAM_HEARTBEAT_SECONDS`` if set, else 60 s. Never slower than 60 s: the reaper
+    (maybe on another host, without this setting) judges beats by :data:`STALE_AFTER`."""
     raw = os.environ.get("SLIPSTREAM_HEARTBEAT_SECONDS", "")
     try:
-        return float(raw) if raw and float(raw) > 0 else DEFAULT_INTERVAL
+        seconds = float(raw) if raw else DEFAULT_INTERVAL
     except ValueError:
-        log.warning("SLIPSTREAM_HEARTBEAT_SECONDS=%r is not a number of seconds; using %.0f", raw, DEFAULT_INTERVAL)
+        seconds = -1.0
+    if not 0 < seconds <= DEFAULT_INTERVAL:
+        log.warning("SLIPSTREAM_HEARTBEAT_SECONDS=%r is not a number of seconds in (0, %.0f]; using %.0f",
+                    raw, DEFAULT_INTERVAL, DEFAULT_INTERVAL)
         return DEFAULT_INTERVAL
+    return seconds
 
 
 class Heartbeat:
@@ -61,12 +67,6 @@ class Heartbeat:
     @property
     def running(self) -> bool:
         return self._thread.is_alive()
-
-    def __enter__(self) -> Heartbeat:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _run(self) -> None:
         while True:

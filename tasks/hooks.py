@@ -75,7 +75,10 @@ def tear_down_flow_run(flow: Any, flow_run: Any, why: str) -> list[TeardownProof
             logger.error("cannot load cloud %r to tear down run(s) %s (%s: %s). Run `slipstream reap --yes` "
                          "where that cloud is configured.", cloud_ref, ", ".join(run_ids), type(err).__name__, err)
             continue
-        proofs += [p for run_id in run_ids if (p := _tear_down_one(cloud, run_id, pipeline, logger))]
+        for run_id in run_ids:
+            proof = _tear_down_one(cloud, run_id, pipeline, logger)
+            if proof is not None:
+                proofs.append(proof)
     return proofs
 
 

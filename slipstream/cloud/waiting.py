@@ -47,8 +47,9 @@ def wait_for_servers(
     """Wait until every server in ``server_ids`` (all of run ``run_id``) has ``status``.
 
     Returns the servers in the order of ``server_ids``. Raises :class:`ServerFailed` (or
-    :class:`CapacityError` for Nova's "No valid host", :class:`QuotaExceeded` for its quota recheck) as soon as one goes to ERROR or vanishes,
-    and :class:`WaitTimeout` naming the laggards when ``timeout`` seconds pass.
+    :class:`CapacityError` for Nova's "No valid host", :class:`QuotaExceeded` for its quota
+    recheck) as soon as one goes to ERROR or vanishes, and :class:`WaitTimeout` naming the
+    laggards when ``timeout`` seconds pass.
     """
     wanted = list(server_ids)
     deadline = clock() + timeout
