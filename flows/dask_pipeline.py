@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from typing import Literal
 
 import dask.array as da
 from prefect import flow, get_run_logger, task
@@ -115,6 +116,7 @@ def dask_pipeline(
     batch_size: int = 2,
     cooldown_seconds: float = 60.0,
     boot_seconds: float = 180.0,
+    idle_action: Literal["delete", "shelve"] = "delete",
     cloud: str = "local",
     image: str = jetstream2.DEFAULT_IMAGE,
     scheduler_host: str = "127.0.0.1",
@@ -136,6 +138,9 @@ def dask_pipeline(
         batch_size: most VMs created in one API call.
         cooldown_seconds: how long a worker idles before it is released.
         boot_seconds: expected boot + install time (a worker is kept when work returns sooner).
+        idle_action: a worker released while more work is expected within the hour is deleted
+            ("delete"), or shelved ("shelve": 0 SU on Jetstream2; it keeps its installed Dask and
+            rejoins when the next burst unshelves it).
         cloud: "local" or a saved cloud block ("<block-type>/<name>").
         image: worker image (Featured images get Dask installed by user_data).
         scheduler_host: where the scheduler listens; on Jetstream2 an address the VMs reach.
@@ -159,7 +164,7 @@ def dask_pipeline(
     owner = Ownership.new(pipeline, run_id=run_id, lease=lease_for_walltime(max_hours))
     scaling = {"max_workers": max_workers, "flavor": flavor, "batch_size": batch_size,
                "cooldown_seconds": cooldown_seconds, "boot_seconds": boot_seconds,
-               "task": {"cores": cores_per_task}}
+               "task": {"cores": cores_per_task}, "idle": {"action": idle_action}}
     runner = DaskTaskRunner(
         cluster_class=CLUSTER_CLASS,
         cluster_kwargs={"cloud": provider, "run_id": owner.run_id, "pipeline": pipeline, "image": image,

@@ -182,7 +182,7 @@ register_plan("large-memory-job", large_memory_job_plan, ignores=VM_JOB_IGNORES)
 # dask_pipeline: an elastic pool, priced by its maximum (slipstream.scaling.policy) -------------
 register_plan("dask-pipeline", "slipstream.scaling.policy:elastic_pool_plan",
               ignores=("rows", "cols", "chunk_rows", "seed", "batch_size", "cooldown_seconds", "boot_seconds",
-                       "cloud", "image", "scheduler_host", "drain_seconds", "pipeline"))
+                       "idle_action", "cloud", "image", "scheduler_host", "drain_seconds", "pipeline"))
 
 # slurm_cluster: the head node and every cloud node for the whole deadline -----------------------
 register_plan("slurm-cluster", "slipstream.slurm.cluster:slurm_cluster_plan",

@@ -9,6 +9,7 @@ from pathlib import Path
 import dask
 import dask.array as da
 import pytest
+from prefect.exceptions import ParameterTypeError
 from distributed.core import Status
 from distributed.scheduler import Scheduler
 
@@ -63,6 +64,8 @@ def test_a_bad_parameter_stops_the_pipeline_before_any_vm(cloud_env):
 
     with pytest.raises(InvalidRequest, match="no flavour among m3.tiny fits one task of 2 cores"):
         dask_pipeline(flavor="m3.tiny", cores_per_task=2, image="slipstream-noop")
+    with pytest.raises(ParameterTypeError, match="idle_action"):  # a suspended VM still costs 75 %
+        dask_pipeline(idle_action="suspend", image="slipstream-noop")
     assert cloud_env.list_servers() == []
 
 
