@@ -11,6 +11,7 @@ beats stopped :data:`STALE_AFTER` ago, so the run is treated as crashed.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
@@ -53,20 +54,25 @@ class Heartbeat:
         self.interval = interval or interval_from_env()
         self.beats = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="slipstream-heartbeat", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> Heartbeat:
+        # Beats run in the starter's context (its settings and run): a bare thread would not know
+        # which API to send to, and Prefect would start a temporary server of its own for it.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name="slipstream-heartbeat",
+                                        daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if self.running and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
         while True:

@@ -24,6 +24,7 @@ No Prefect here: the Prefect layer (``tasks/budget.py``) turns the callbacks int
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -119,7 +120,11 @@ class BudgetWatchdog:
     # the thread ------------------------------------------------------------------------------
     def start(self) -> BudgetWatchdog:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name=f"budget-watchdog-{self.run_id}", daemon=True)
+            # The starter's context (its settings and run) goes along: callbacks that send events
+            # must reach the same API as the flow, not whatever a bare thread would find.
+            context = contextvars.copy_context()
+            self._thread = threading.Thread(target=context.run, args=(self._loop,),
+                                            name=f"budget-watchdog-{self.run_id}", daemon=True)
             self._thread.start()
         return self
 

@@ -373,6 +373,21 @@ def test_state_log_from_timestamps_and_actions():
     assert log[-1][1] == datetime(2026, 11, 29, 6, tzinfo=UTC)
 
 
+def test_actions_in_the_same_second_keep_novas_order():
+    """Nova's start times have whole seconds and it lists actions newest first; a shelve and the
+    unshelve right after it (seen on the lab) must not swap, or the meter stops charging."""
+    log = convert.state_log(
+        created_at="2026-11-29T09:59:49Z",
+        launched_at="2026-11-29T09:59:52Z",
+        actions=[  # as Nova lists them
+            action("unshelve", "2026-11-29T09:59:51Z"),
+            action("shelve", "2026-11-29T09:59:51Z"),
+            action("create", "2026-11-29T09:59:49Z"),
+        ],
+    )
+    assert [s for s, _ in log] == ["BUILD", "ACTIVE", "SHELVED_OFFLOADED", "ACTIVE"]
+
+
 def test_floating_ip_ownership_survives_a_missing_tag():
     untagged = SimpleNamespace(
         id="f1",

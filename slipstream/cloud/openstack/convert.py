@@ -214,9 +214,11 @@ def state_log(
             events.append((stamp, order, state))
             order += 1
 
-    ordered = sorted(
-        actions, key=lambda a: parse_time(a.start_time) or datetime.min.replace(tzinfo=UTC)
-    )
+    # Nova lists actions newest first, with start times in whole seconds: of two actions in
+    # the same second (a shelve and the unshelve right after it), the one listed later came first.
+    listed = list(actions)
+    ordered = [a for _, a in sorted(enumerate(listed), key=lambda ia: (
+        parse_time(ia[1].start_time) or datetime.min.replace(tzinfo=UTC), -ia[0]))]
     later = [parse_time(a.start_time) for a in ordered if a.action != "create" and a.start_time]
     booted = parse_time(launched_at)
     # Nova moves launched_at on unshelve/rebuild; then the first boot ended before the first
