@@ -10,15 +10,16 @@ PY     := $(VENV)/bin/python
 UV     := $(VENV)/.uv/bin/uv
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -o DPkg::Lock::Timeout=900 -y -q
-# openssh-server: local-cloud VMs from Featured images run a real sshd.
+# openssh-server: local-cloud VMs from Featured images run a real sshd (the demo's too).
+DEMO_PACKAGES := openssh-server openssh-client
 # slurmctld slurmd slurm-client munge: the elastic Slurm tests run real daemons (slurm-wlm's
 # plugin packages are not needed).
 # chromium: tests/integration/test_burn_chart_in_ui.py renders the burn chart in the real Prefect UI.
-DEBIAN_PACKAGES := openssh-server openssh-client slurmctld slurmd slurm-client munge chromium
+TEST_PACKAGES := $(DEMO_PACKAGES) slurmctld slurmd slurm-client munge chromium
 
-.PHONY: demo test install python-deps debian-deps lab-up lab-down lock clean-local
+.PHONY: demo test install demo-deps python-deps debian-deps lab-up lab-down lock clean-local
 
-demo: install
+demo: demo-deps python-deps
 	$(VENV)/bin/slipstream demo
 
 test: install
@@ -35,9 +36,13 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	PYTHONPATH=$(VENV)/.uv $(UV) pip install -q --python $(PY) --no-deps -e .
 	@touch $@
 
-# Installs only what is missing, so a second run costs nothing.
+demo-deps:
+	@$(MAKE) --no-print-directory debian-deps PACKAGES="$(DEMO_PACKAGES)"
+
+# Installs only what is missing (by default everything the tests need), so a second run costs nothing.
+PACKAGES ?= $(TEST_PACKAGES)
 debian-deps:
-	@missing=""; for p in $(DEBIAN_PACKAGES); do \
+	@missing=""; for p in $(PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
