@@ -161,14 +161,15 @@ def dask_pipeline(
                 max_workers, plan.flavor.name, provider.name, max_hours, worst_case)
     budget_su, _ = guard_budget([plan], budget_su, allocation, override_budget)
     run_id = str(flow_run.get_id() or "") or None
-    owner = Ownership.new(pipeline, run_id=run_id, lease=lease_for_walltime(max_hours))
+    lease_time = lease_for_walltime(max_hours)
+    owner = Ownership.new(pipeline, run_id=run_id, lease=lease_time)
     scaling = {"max_workers": max_workers, "flavor": flavor, "batch_size": batch_size,
                "cooldown_seconds": cooldown_seconds, "boot_seconds": boot_seconds,
                "task": {"cores": cores_per_task}, "idle": {"action": idle_action}}
     runner = DaskTaskRunner(
         cluster_class=CLUSTER_CLASS,
         cluster_kwargs={"cloud": provider, "run_id": owner.run_id, "pipeline": pipeline, "image": image,
-                        "scaling": scaling, "scheduler_host": scheduler_host, "lease_hours": lease_for_walltime(max_hours) / timedelta(hours=1),
+                        "scaling": scaling, "scheduler_host": scheduler_host, "lease_hours": lease_time / timedelta(hours=1),
                         "on_event": resource_event_emitter(owner, provider.name)},
         adapt_kwargs={"minimum": 0, "maximum": max_workers, "interval": "0.5s"},
     )

@@ -70,17 +70,9 @@ def meter_log(name: str, flavor: Flavor, state_log: StateLog, until: datetime | 
     return MeteredServer(name, flavor.name, meter(flavor, state_log, until), _hours_in(state_log, ServerStatus.ACTIVE, until))
 
 
-def meter_servers(
-    cloud,
-    servers: Iterable[tuple[str, str, str]],
-    until: datetime | None = None,
-    flavors: Mapping[str, Flavor] | None = None,
-) -> list[MeteredServer]:
-    """Meter ``(server_id, name, flavor)`` triples from ``cloud``'s state logs (one read each).
-
-    ``flavors`` is the catalogue by name when the caller already has it (saves a list call).
-    """
-    catalogue = flavors if flavors is not None else {f.name: f for f in cloud.list_flavors()}
+def meter_servers(cloud, servers: Iterable[tuple[str, str, str]], until: datetime | None = None) -> list[MeteredServer]:
+    """Meter ``(server_id, name, flavor)`` triples from ``cloud``'s state logs (one read each)."""
+    catalogue = {f.name: f for f in cloud.list_flavors()}
     return [meter_log(name, catalogue[flavor_name], cloud.state_log(server_id), until)
             for server_id, name, flavor_name in servers]
 

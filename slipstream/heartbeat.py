@@ -5,18 +5,18 @@ nobody tells Prefect, which keeps saying "Running" until the run's lease expires
 that beats while it holds resources lets the reaper tell sooner: Prefect says Running, but the
 beats stopped :data:`STALE_AFTER` ago, so the run is treated as crashed.
 
-:class:`Heartbeat` only calls ``beat()`` on a daemon thread; what a beat is (a Prefect event, see
+:func:`heartbeat` only calls ``beat()`` on a daemon thread; what a beat is (a Prefect event, see
 ``tasks/heartbeat.py``) is the caller's business, so the core knows nothing of Prefect.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import os
-import threading
 from collections.abc import Callable
 from datetime import timedelta
+
+from slipstream.periodic import Periodic
 
 log = logging.getLogger("slipstream.heartbeat")
 
@@ -45,42 +45,14 @@ def interval_from_env() -> float:
     return seconds
 
 
-class Heartbeat:
-    """Call ``beat`` now and then every ``interval`` seconds until :meth:`stop`. A failing beat is
-    logged and the next one tried: a missed beat is harmless, a dead heartbeat thread is not."""
+def heartbeat(beat: Callable[[], object], interval: float | None = None) -> Periodic:
+    """A (not yet started) heartbeat: ``beat()`` now and then every ``interval`` seconds (by
+    default :func:`interval_from_env`). A beat that fails is logged and the next one tried: a
+    missed beat is harmless, a dead heartbeat is not."""
+    seconds = interval or interval_from_env()
 
-    def __init__(self, beat: Callable[[], object], interval: float | None = None) -> None:
-        self.beat = beat
-        self.interval = interval or interval_from_env()
-        self.beats = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+    def failed(err: Exception) -> None:
+        log.warning("a heartbeat could not be sent (%s: %s); trying again in %.0f s",
+                    type(err).__name__, err, seconds)
 
-    def start(self) -> Heartbeat:
-        # Beats run in the starter's context (its settings and run): a bare thread would not know
-        # which API to send to, and Prefect would start a temporary server of its own for it.
-        context = contextvars.copy_context()
-        self._thread = threading.Thread(target=context.run, args=(self._run,), name="slipstream-heartbeat",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self.running and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                self.beat()
-                self.beats += 1
-            except Exception as err:  # noqa: BLE001 - keep beating
-                log.warning("a heartbeat could not be sent (%s: %s); trying again in %.0f s",
-                            type(err).__name__, err, self.interval)
-            if self._stop.wait(self.interval):
-                return
+    return Periodic("slipstream-heartbeat", beat, seconds, on_error=failed)

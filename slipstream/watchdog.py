@@ -24,15 +24,13 @@ No Prefect here: the Prefect layer (``tasks/budget.py``) turns the callbacks int
 
 from __future__ import annotations
 
-import contextvars
 import logging
-import threading
-import time
 from collections.abc import Callable, Iterable
 
 from slipstream.accounting import burn_rate, meter_log
 from slipstream.cloud.models import Flavor, ServerStatus
 from slipstream.cloud.port import CloudProvider
+from slipstream.periodic import Periodic
 
 log = logging.getLogger("slipstream.watchdog")
 
@@ -69,18 +67,16 @@ class BudgetWatchdog:
         self.interval = interval
         self.on_threshold = on_threshold
         self.on_exhausted = on_exhausted
-        self.max_seconds = max_seconds
         self.spent = 0.0
         self.su_per_hour = 0.0
         self.crossed: list[float] = []
         self.exhausted = False
         self.rounds = 0
-        self.failed_rounds = 0
         self._watching: dict[str, tuple[str, str]] = {}  # server id -> (name, flavour), not yet deleted
         self._settled_su = 0.0  # what deleted servers cost: their state logs no longer change
         self._catalogue: dict[str, Flavor] | None = None  # flavours do not change during a run
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._rounds = Periodic(f"budget-watchdog-{run_id}", self.check, interval, on_error=self._round_failed,
+                                finished=lambda: self.exhausted, max_seconds=max_seconds)
 
     # one round -------------------------------------------------------------------------------
     def check(self) -> float:
@@ -119,32 +115,24 @@ class BudgetWatchdog:
 
     # the thread ------------------------------------------------------------------------------
     def start(self) -> BudgetWatchdog:
-        if self._thread is None:
-            # The starter's context (its settings and run) goes along: callbacks that send events
-            # must reach the same API as the flow, not whatever a bare thread would find.
-            context = contextvars.copy_context()
-            self._thread = threading.Thread(target=context.run, args=(self._loop,),
-                                            name=f"budget-watchdog-{self.run_id}", daemon=True)
-            self._thread.start()
+        self._rounds.start()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop watching and wait (at most ``timeout`` s) for a round in progress to finish."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("budget watchdog of run %s still busy after %.0f s; left as a daemon", self.run_id, timeout)
+        if not self._rounds.stop(timeout):
+            log.warning("budget watchdog of run %s still busy after %.0f s; left as a daemon", self.run_id, timeout)
 
-    def _loop(self) -> None:
-        deadline = time.monotonic() + self.max_seconds
-        while not self._stop.is_set() and not self.exhausted and time.monotonic() < deadline:
-            try:
-                self.check()
-            except Exception as err:  # one bad round (cloud hiccup) must not end the watch
-                self.failed_rounds += 1
-                log.warning("budget check of run %s failed (will try again in %.0f s): %s", self.run_id, self.interval, err)
-            self._stop.wait(self.interval)
+    @property
+    def running(self) -> bool:
+        return self._rounds.running
+
+    @property
+    def failed_rounds(self) -> int:
+        return self._rounds.failed
+
+    def _round_failed(self, err: Exception) -> None:  # one bad round (cloud hiccup) must not end the watch
+        log.warning("budget check of run %s failed (will try again in %.0f s): %s", self.run_id, self.interval, err)
 
     def __enter__(self) -> BudgetWatchdog:
         return self.start()

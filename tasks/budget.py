@@ -133,20 +133,19 @@ def watching_budget(
     """
     watchdog = start_budget_watchdog(lease, budget_su, allocation=allocation, interval=interval, stop_work=stop_work)
     heartbeat = run_heartbeat(lease).start()
+    failure: Exception | None = None
     try:
         yield watchdog
-    except Exception as err:
-        if watchdog is not None:
-            watchdog.stop()
-            if watchdog.exhausted:
-                raise budget_spent_error(watchdog) from err
-        raise
+    except Exception as err:  # noqa: BLE001 - re-raised below, once the watch has stopped
+        failure = err
     finally:
         heartbeat.stop()
         if watchdog is not None:
             watchdog.stop()
     if watchdog is not None and watchdog.exhausted:
-        raise budget_spent_error(watchdog)
+        raise budget_spent_error(watchdog) from failure
+    if failure is not None:
+        raise failure
 
 
 def budget_spent_error(watchdog: BudgetWatchdog) -> BudgetExceeded:

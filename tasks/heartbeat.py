@@ -7,13 +7,14 @@ Prefect calls Running (``tasks/reap.py``); see :mod:`slipstream.heartbeat` for t
 
 from __future__ import annotations
 
-from slipstream.heartbeat import HEARTBEAT_EVENT, Heartbeat
+from slipstream.heartbeat import HEARTBEAT_EVENT, heartbeat
 from slipstream.lease import Lease
+from slipstream.periodic import Periodic
 from tasks.events import run_event
 
 
-def run_heartbeat(lease: Lease, interval: float | None = None) -> Heartbeat:
+def run_heartbeat(lease: Lease, interval: float | None = None) -> Periodic:
     """A (not yet started) heartbeat for ``lease``'s run."""
     owner = lease.owner
     payload = {"cloud": lease.cloud.name, "pipeline": owner.pipeline}
-    return Heartbeat(lambda: run_event(HEARTBEAT_EVENT, owner.run_id, payload), interval)
+    return heartbeat(lambda: run_event(HEARTBEAT_EVENT, owner.run_id, payload), interval)

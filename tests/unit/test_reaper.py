@@ -22,7 +22,7 @@ import pytest
 from slipstream.cloud.errors import NotFound
 from slipstream.cloud.models import Ownership, ServerSpec
 from slipstream.lease import Lease
-from slipstream.heartbeat import STALE_AFTER, Heartbeat
+from slipstream.heartbeat import STALE_AFTER, heartbeat
 from slipstream.ledger import Ledger
 from slipstream.reaper import (
     REAP_TABLE,
@@ -187,11 +187,11 @@ def test_a_heartbeat_beats_until_stopped_and_survives_a_failing_beat():
         if len(calls) == 2:
             raise ConnectionError("the API blinked")
 
-    heartbeat = Heartbeat(beat, interval=0.05).start()
+    beating = heartbeat(beat, interval=0.05).start()
     wait_until(lambda: len(calls) >= 4, timeout=10, what="four beats")
-    heartbeat.stop()
-    assert not heartbeat.running  # stop() returns once its thread is gone: no beat can follow
-    assert heartbeat.beats == len(calls) - 1  # the failed beat is not counted, and the next ones came
+    beating.stop()
+    assert not beating.running  # stop() returns once its thread is gone: no beat can follow
+    assert beating.done == len(calls) - 1  # the failed beat is not counted, and the next ones came
 
 
 def test_a_resource_without_slipstream_ownership_is_never_touched(local_cloud, ledger, tmp_path):

@@ -51,7 +51,7 @@ def test_thresholds_fire_once_each_in_order_then_the_run_is_torn_down(running):
     assert len(spent_calls) == 1 and spent_calls[0] >= budget
     # It acts within about one round of the budget running out, not minutes later.
     assert spent_calls[0] < budget + G3_MEDIUM_SU_PER_SECOND * 1.0
-    assert dog.exhausted and not dog._thread.is_alive()
+    assert dog.exhausted and not dog.running
     assert cloud.list_servers(run_id=run_id) == []
     # What the watchdog saw is what the meter says the server cost (it stopped being charged).
     (metered,) = meter_servers(cloud, [(server.id, server.name, server.flavor)])
@@ -77,13 +77,13 @@ def test_stop_ends_the_watch_promptly_and_nothing_fires_under_budget(running):
     wait_until(lambda: dog.rounds >= 3, timeout=30, what="three metering rounds")
     assert dog.su_per_hour == 16.0  # one ACTIVE g3.medium
     dog.stop(timeout=5)
-    assert not dog._thread.is_alive() and calls == [] and not dog.exhausted
+    assert not dog.running and calls == [] and not dog.exhausted
 
 
 def test_the_watch_ends_by_itself_at_its_deadline(running):
     cloud, lease, _ = running
     dog = BudgetWatchdog(cloud, lease.owner.run_id, 1000.0, interval=0.05, max_seconds=0.3).start()
-    wait_until(lambda: not dog._thread.is_alive(), timeout=10, what="the watchdog's own deadline")
+    wait_until(lambda: not dog.running, timeout=10, what="the watchdog's own deadline")
     assert dog.rounds >= 1 and not dog.exhausted
 
 

@@ -143,7 +143,7 @@ class ServerOperations(OpenStackBase):
         is still being scheduled (it is then only a build request), so a server is renamed once
         it is past scheduling, and the names count only when a listing shows them."""
         want = {server.id: name for server, name in zip(servers, wanted, strict=True)}
-        tags = f"{OWNER_TAG},{RUN_TAG_PREFIX}{owner.run_id}"
+        tags = _tags_filter(owner.run_id)
         deadline = time.monotonic() + NAME_BATCH_TIMEOUT
         while True:
             seen = {s.id: s for s in self._read("listing servers", lambda: self.conn.compute.servers(
@@ -183,7 +183,7 @@ class ServerOperations(OpenStackBase):
             time.sleep(0.5)
 
     def list_servers(self, run_id: str | None = None) -> list[Server]:
-        tags = f"{OWNER_TAG},{RUN_TAG_PREFIX}{run_id}" if run_id else OWNER_TAG
+        tags = _tags_filter(run_id)
         found = self._read(
             "listing servers", lambda: self.conn.compute.servers(details=True, tags=tags)
         )
@@ -330,6 +330,11 @@ def _check_metadata(metadata: dict[str, str], resource: str, cloud: str) -> None
             )
     if len(metadata) > 128:
         log.warning("%d metadata items on %s; Nova's default limit is 128", len(metadata), resource)
+
+
+def _tags_filter(run_id: str | None) -> str:
+    """Nova's ``tags`` filter (all of them must match) for slipstream's servers, or one run's."""
+    return f"{OWNER_TAG},{RUN_TAG_PREFIX}{run_id}" if run_id else OWNER_TAG
 
 
 def _novas_names(spec: ServerSpec) -> list[str]:
