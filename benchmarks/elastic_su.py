@@ -20,7 +20,7 @@ driven by the same loop (dispatch FIFO to free slots, decide, launch/unpark/rele
 (d) ours     — batches of 4, 60 s cooldown, keep a worker warm when the forecast says work is back
                within a boot (150 s), shelve (0 SU) instead of delete when back within an hour.
 
-SUs are metered by :func:`slipstream.accounting.meter` from each VM's state log on the cloud,
+SUs are metered by :func:`slipstream.cost.accounting.meter` from each VM's state log on the cloud,
 scaled back to real time; the lower bound is the work's core-hours × the m3 rate (1 SU per
 core-hour). The task work itself is simulated by the driver's clock (no CPU is burnt); the VMs,
 their boots, shelving and deletions are real. Run::
@@ -38,11 +38,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slipstream.accounting import meter
+from slipstream.cost.accounting import meter
 from slipstream.cloud.local import LocalCloud, LocalCloudOptions
 from slipstream.cloud.models import Ownership, ServerStatus
 from slipstream.jetstream2 import FLAVORS, SU_PER_VCPU_HOUR, Quotas
-from slipstream.lease import Lease
+from slipstream.ownership.lease import Lease
 from slipstream.scaling.idle import IdleAction, IdlePolicy
 from slipstream.scaling.policy import (
     ArrivalForecast,

@@ -29,8 +29,8 @@ from slipstream import lab
 from slipstream.cloud.models import Ownership, ServerSpec
 from slipstream.cloud.openstack import OpenStackCloud, connect
 from slipstream.cloud.waiting import wait_for_servers
-from slipstream.lease import Lease
-from slipstream.ledger import Ledger
+from slipstream.ownership.lease import Lease
+from slipstream.ownership.ledger import Ledger
 
 FLAVOR = "m3.tiny"
 IMAGE = "Featured-Ubuntu24"

@@ -42,7 +42,7 @@ def child(n: int, ending: str) -> None:
     from slipstream.cloud.local import LocalCloud
     from slipstream.cloud.models import Ownership, ServerSpec
     from slipstream.cloud.waiting import wait_for_servers
-    from slipstream.lease import Lease
+    from slipstream.ownership.lease import Lease
 
     @flow(name="teardown-benchmark")
     def bench(n: int, ending: str) -> None:
@@ -81,9 +81,9 @@ def until_nothing_owned(cloud, run_id: str, timeout: float = 300) -> float:
 
 def one(cloud, n: int, ending: str, client) -> float:
     """Seconds from the work's end (or the kill) to nothing owned, for one run."""
-    from slipstream.ledger import Ledger
-    from slipstream.reaper import RunResolver, reap
-    from tasks.reap import prefect_lookup
+    from slipstream.ownership.ledger import Ledger
+    from slipstream.ownership.reaper import RunResolver, reap
+    from slipstream.tasks.reap import prefect_lookup
 
     log = open(Path(os.environ["SLIPSTREAM_HOME"]) / f"flow-{n}-{ending}.log", "ab")  # the flow's own logs
     proc = subprocess.Popen([sys.executable, __file__, "--child", str(n), ending], cwd=ROOT,

@@ -1,6 +1,6 @@
 """Prefect blocks: saved configuration that becomes slipstream core objects.
 
-Register them with ``prefect block register -m blocks``. Flows name a cloud with a string so the
+Register them with ``prefect block register -m slipstream.blocks``. Flows name a cloud with a string so the
 Prefect UI can offer it as a plain field: ``"local"`` is the embedded local cloud with its
 defaults; anything else is a saved block document, ``"<block-type-slug>/<document-name>"``.
 """
@@ -15,7 +15,7 @@ def load_cloud(ref: str) -> CloudProvider:
     """The cloud a flow parameter names: "local" or "<block-type-slug>/<document-name>"."""
     from prefect.blocks.core import Block
 
-    from blocks.local_cloud import LocalCloudBlock
+    from slipstream.blocks.local_cloud import LocalCloudBlock
 
     if ref in ("", "local"):
         return LocalCloudBlock().get_cloud()

@@ -4,7 +4,7 @@ the warning thresholds.
 Save one in the UI (Blocks → "Slipstream Allocation") or in code, then name it in a flow's
 ``allocation`` parameter::
 
-    from blocks.allocation import AllocationBlock
+    from slipstream.blocks.allocation import AllocationBlock
 
     # balances you state yourself (from the ACCESS allocations portal)
     AllocationBlock(allocation_id="TRA160003", balance_gpu_su=5000, balance_cpu_su=20000,
@@ -30,9 +30,9 @@ from typing import Literal
 from prefect.blocks.core import Block
 from pydantic import Field, field_validator, model_validator
 
-from slipstream.budget import CPU, GPU, LARGE_MEMORY, AccountingServiceBalances, Allocation, FixedBalances
+from slipstream.cost.budget import CPU, GPU, LARGE_MEMORY, AccountingServiceBalances, Allocation, FixedBalances
 from slipstream.cloud.errors import InvalidRequest
-from slipstream.watchdog import WARNING_THRESHOLDS
+from slipstream.cost.watchdog import WARNING_THRESHOLDS
 
 _ALLOCATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{1,63}$")
 
@@ -132,12 +132,12 @@ class AllocationBlock(Block):
         return {r: v for r, v in pairs.items() if v is not None}
 
     def get_allocation(self) -> Allocation:
-        """The core :class:`~slipstream.budget.Allocation` (the cloud is signed in for the
+        """The core :class:`~slipstream.cost.budget.Allocation` (the cloud is signed in for the
         accounting service; its balances are read when the guard asks)."""
         if self.balance_source == "fixed":
             balances = FixedBalances(self._figures())
         else:
-            from blocks import load_cloud
+            from slipstream.blocks import load_cloud
 
             balances = AccountingServiceBalances(load_cloud(self.cloud))
         return Allocation(self.allocation_id, self.run_budget_su, tuple(self.thresholds), balances)

@@ -2,7 +2,7 @@
 
 Save one to give a deployment its own local cloud home or a faster boot::
 
-    from blocks.local_cloud import LocalCloudBlock
+    from slipstream.blocks.local_cloud import LocalCloudBlock
     LocalCloudBlock(home="/srv/slipstream/local", boot_delay_seconds=0.5).save("fast")
     # flows then take cloud="slipstream-local-cloud/fast"
 

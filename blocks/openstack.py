@@ -3,7 +3,7 @@
 Save one in the UI (Blocks → "OpenStack Credentials") or in code, then name it in a flow's
 ``cloud`` parameter as ``"slipstream-openstack-credentials/<name>"``::
 
-    from blocks.openstack import OpenStackCredentials
+    from slipstream.blocks.openstack import OpenStackCredentials
 
     # a Jetstream2 application credential (Horizon → Identity → Application Credentials;
     # give it an expiry date — Horizon's default is today)

@@ -10,7 +10,7 @@ metered at and the teardown proof.
 
 From Python::
 
-    from flows.dask_pipeline import dask_pipeline
+    from slipstream.flows.dask_pipeline import dask_pipeline
     r = dask_pipeline(rows=40_000, cols=2_000, max_workers=4)
     print(r.mean, r.std, r.su_spent, r.teardown_clean)
 
@@ -32,17 +32,17 @@ from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner, get_dask_client
 from pydantic import BaseModel
 
-from blocks import load_cloud
+from slipstream.blocks import load_cloud
 from slipstream import jetstream2
-from slipstream.accounting import MeteredServer, estimate
+from slipstream.cost.accounting import MeteredServer, estimate
 from slipstream.cloud.models import Ownership
-from slipstream.lease import lease_for_walltime, teardown_run
-from slipstream.ledger import Ledger
+from slipstream.ownership.lease import lease_for_walltime, teardown_run
+from slipstream.ownership.ledger import Ledger
 from slipstream.scaling.policy import elastic_pool_plan
-from tasks.budget import guard_budget, resolve_allocation, watching_budget
-from tasks.events import resource_event_emitter
-from tasks.hooks import TEARDOWN_HOOKS
-from tasks.report import report_run
+from slipstream.tasks.budget import guard_budget, resolve_allocation, watching_budget
+from slipstream.tasks.events import resource_event_emitter
+from slipstream.tasks.hooks import TEARDOWN_HOOKS
+from slipstream.tasks.report import report_run
 
 CLUSTER_CLASS = "slipstream.dask_cluster.CloudDaskCluster"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.vm_job import VmJobResult, vm_job
+from slipstream.flows.vm_job import VmJobResult, vm_job
 
 DEMO_SCRIPT = '''\
 """Estimate pi and the spectrum of a random symmetric matrix: a stand-in for real work."""

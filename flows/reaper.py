@@ -10,7 +10,7 @@ an automation can tell someone; a table artifact shows what was found and what w
 
 Scheduled by the ``reaper`` deployment in ``prefect.yaml``; from Python::
 
-    from flows.reaper import reaper
+    from slipstream.flows.reaper import reaper
     reaper(dry_run=True)          # what would be deleted, and why
 """
 
@@ -21,7 +21,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from pydantic import BaseModel
 
-from tasks.reap import configured_clouds, leak_event_emitter, reap_clouds
+from slipstream.tasks.reap import configured_clouds, leak_event_emitter, reap_clouds
 
 
 class ReaperResult(BaseModel):

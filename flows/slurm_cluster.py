@@ -8,7 +8,7 @@ job needs it (``slipstream slurm resume``) and deletes it after ``suspend_time``
 (with a deadline, reporting progress and sweeping orphans), copies their output into
 ``results_dir``, and tears the whole cluster down with a teardown proof and each node's SUs::
 
-    from flows.slurm_cluster import slurm_cluster
+    from slipstream.flows.slurm_cluster import slurm_cluster
     slurm_cluster(scripts=["align.sh", "count.sh"], max_nodes=2, suspend_time=60)
 
 Every VM — head and workers — is owned by the flow run, so the lease (and, after a crash, the
@@ -26,21 +26,21 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from blocks import load_cloud
-from flows.vm_job import FlavorName
+from slipstream.blocks import load_cloud
+from slipstream.flows.vm_job import FlavorName
 from slipstream import progress
-from slipstream.accounting import MeteredServer, estimate
+from slipstream.cost.accounting import MeteredServer, estimate
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Ownership
-from slipstream.lease import HeldResource, Lease, lease_for_walltime
+from slipstream.ownership.lease import HeldResource, Lease, lease_for_walltime
 from slipstream.slurm.cluster import ClusterPlan, ElasticCluster, slurm_cluster_plan, start_cluster
 from slipstream.slurm.commands import JobInfo
 from slipstream.slurm.power import SlurmPower
-from tasks import CLOUD_TASK_OPTIONS
-from tasks.budget import guard_budget, watching_budget
-from tasks.events import resource_event_emitter
-from tasks.hooks import TEARDOWN_HOOKS
-from tasks.report import report_run
+from slipstream.tasks import CLOUD_TASK_OPTIONS
+from slipstream.tasks.budget import guard_budget, watching_budget
+from slipstream.tasks.events import resource_event_emitter
+from slipstream.tasks.hooks import TEARDOWN_HOOKS
+from slipstream.tasks.report import report_run
 
 
 class SlurmJobResult(BaseModel):

@@ -7,7 +7,7 @@ Ctrl-C or on cancellation — and publishes a teardown proof.
 
 From Python::
 
-    from flows.vm_job import gpu_job
+    from slipstream.flows.vm_job import gpu_job
     gpu_job(command="nvidia-smi && python3 train.py", inputs=["train.py"], outputs=["model.pt"],
             max_hours=4, budget_su=100)    # refused before booting if 4 h could cost more
 
@@ -29,18 +29,18 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from blocks import load_cloud
+from slipstream.blocks import load_cloud
 from slipstream import jetstream2, progress, ssh
-from slipstream.accounting import MeteredServer, PlannedServers
+from slipstream.cost.accounting import MeteredServer, PlannedServers
 from slipstream.cloud.models import Ownership
-from slipstream.lease import HeldResource, Lease, lease_for_walltime
+from slipstream.ownership.lease import HeldResource, Lease, lease_for_walltime
 from slipstream.vmjob import REMOTE_JOB_DIR, plan_vm_job
-from tasks.budget import guard_budget, watching_budget
-from tasks.events import resource_event_emitter
-from tasks.hooks import TEARDOWN_HOOKS
-from tasks.provision import attach_floating_ip, provision_servers, register_keypair, wait_until_active
-from tasks.remote import download_outputs, run_remote_command, upload_inputs, wait_for_ssh
-from tasks.report import report_run
+from slipstream.tasks.budget import guard_budget, watching_budget
+from slipstream.tasks.events import resource_event_emitter
+from slipstream.tasks.hooks import TEARDOWN_HOOKS
+from slipstream.tasks.provision import attach_floating_ip, provision_servers, register_keypair, wait_until_active
+from slipstream.tasks.remote import download_outputs, run_remote_command, upload_inputs, wait_for_ssh
+from slipstream.tasks.report import report_run
 
 FlavorName = Literal[tuple(jetstream2.FLAVORS)]  # type: ignore[valid-type]
 GpuFlavorName = Literal["g3.small", "g3.medium", "g3.large", "g3.xl"]

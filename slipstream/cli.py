@@ -39,7 +39,7 @@ def _local_cloud():
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """Everything slipstream owns on every configured cloud: "local" and each saved OpenStack block."""
-    from tasks.reap import configured_clouds, open_cloud, prefect_client
+    from slipstream.tasks.reap import configured_clouds, open_cloud, prefect_client
 
     with prefect_client() as (client, why_not):
         refs = configured_clouds(client)
@@ -101,7 +101,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from flows.demo import run_with_progress  # the CLI sits on top of the flows
+    # Prefect's temporary server migrates a new database on first use; on a busy 2-core machine
+    # that takes longer than Prefect's 20 s default, and the demo died before it began.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from slipstream.flows.demo import run_with_progress  # the CLI sits on top of the flows
 
     return run_with_progress(console)
 

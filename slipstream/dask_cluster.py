@@ -2,7 +2,7 @@
 
 :class:`CloudDaskCluster` is a ``distributed`` :class:`~distributed.deploy.SpecCluster`: the
 scheduler runs in your process; each worker is one VM (Jetstream2 flavour, created through a
-:class:`~slipstream.lease.Lease`, so it carries ownership and the reaper can find it), started by
+:class:`~slipstream.ownership.lease.Lease`, so it carries ownership and the reaper can find it), started by
 user_data that runs ``dask worker <scheduler> --host <the VM's address> --name <the VM's name>``.
 New VMs are created in batches (one API call each); ``adapt()`` uses
 :class:`~slipstream.scaling.policy.ScalingPolicy` — the same rules as the Slurm adapter: scale up
@@ -65,7 +65,7 @@ from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Ownership
 from slipstream.cloud.port import CloudProvider
 from slipstream.jetstream2 import DEFAULT_IMAGE
-from slipstream.lease import EventCallback, Lease, TeardownProof
+from slipstream.ownership.lease import EventCallback, Lease, TeardownProof
 from slipstream.scaling.idle import IdlePolicy
 from slipstream.scaling.policy import (
     ArrivalForecast,
@@ -304,7 +304,7 @@ class CloudDaskCluster(SpecCluster):
     """Dask workers on cloud VMs (see the module docstring).
 
     Args:
-        cloud: the provider (``blocks.load_cloud("local")``, a ``LocalCloud``, an ``OpenStackCloud``).
+        cloud: the provider (``slipstream.blocks.load_cloud("local")``, a ``LocalCloud``, an ``OpenStackCloud``).
         n_workers: workers to start with (default 0: let ``adapt`` or ``scale`` add them).
         scaling: a :class:`ScalingConfig` or its fields as a dict (flavour candidates, task needs,
             batch size, cooldown, boot time, idle policy); ``adapt(minimum, maximum)`` overrides

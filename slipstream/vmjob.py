@@ -14,7 +14,7 @@ import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slipstream.accounting import PlannedServers, estimate
+from slipstream.cost.accounting import PlannedServers, estimate
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Flavor, Image, ServerSpec, check_name
 from slipstream.cloud.port import CloudProvider

@@ -7,7 +7,7 @@
 - :func:`start_budget_watchdog` meters the run while it holds servers and emits Prefect events
   ``slipstream.budget.threshold`` (payload: fraction, spent, budget, allocation, SU/hour) at each
   configured share of the budget; when the budget is spent it emits ``slipstream.budget.spent``,
-  deletes everything the run owns (:func:`slipstream.lease.teardown_run`), and the flow then fails
+  deletes everything the run owns (:func:`slipstream.ownership.lease.teardown_run`), and the flow then fails
   with a "budget spent" error. Automations can react to either event (e.g. notify the PI).
 
 Events name the run as resource ``slipstream.run.<run id>`` with the flow run as a related resource.
@@ -21,14 +21,14 @@ from contextlib import contextmanager
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from blocks.allocation import load_allocation
-from slipstream.accounting import PlannedServers
-from slipstream.budget import Allocation, BudgetVerdict, check_plan, enforce
+from slipstream.blocks.allocation import load_allocation
+from slipstream.cost.accounting import PlannedServers
+from slipstream.cost.budget import Allocation, BudgetVerdict, check_plan, enforce
 from slipstream.cloud.errors import BudgetExceeded
-from slipstream.lease import Lease, teardown_run
-from slipstream.watchdog import WARNING_THRESHOLDS, BudgetWatchdog
-from tasks.events import run_event
-from tasks.heartbeat import run_heartbeat
+from slipstream.ownership.lease import Lease, teardown_run
+from slipstream.cost.watchdog import WARNING_THRESHOLDS, BudgetWatchdog
+from slipstream.tasks.events import run_event
+from slipstream.tasks.heartbeat import run_heartbeat
 
 THRESHOLD_EVENT = "slipstream.budget.threshold"
 SPENT_EVENT = "slipstream.budget.spent"
@@ -119,7 +119,7 @@ def watching_budget(
     stop_work: Callable[[], object] | None = None,
 ) -> Iterator[BudgetWatchdog | None]:
     """Meter the run while the block does its work; if the budget ran out, fail with "budget spent".
-    Meanwhile the run beats its heartbeat (:mod:`tasks.heartbeat`), budget or not, so the reaper
+    Meanwhile the run beats its heartbeat (:mod:`slipstream.tasks.heartbeat`), budget or not, so the reaper
     can tell when its process died with its host.
 
     Use inside the lease, around the work only, so the lease's own teardown is never metered as

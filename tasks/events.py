@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect.events import emit_event
 
 from slipstream.cloud.models import Ownership
-from slipstream.lease import HeldResource
+from slipstream.ownership.lease import HeldResource
 
 
 def resource_event_emitter(owner: Ownership, cloud_name: str):

@@ -9,7 +9,7 @@ flow run's ``cloud`` parameter, find everything tagged with the run id (and with
 flow runs nested in it, at any depth and on each one's own cloud, e.g. the ``vm-job`` run inside
 ``gpu-job``) and delete it, then log the teardown proof to the run's logs. Attach them to a flow::
 
-    from tasks.hooks import TEARDOWN_HOOKS
+    from slipstream.tasks.hooks import TEARDOWN_HOOKS
 
     @flow(name="vm-job", **TEARDOWN_HOOKS)
     def vm_job(..., cloud: str = "local"): ...
@@ -28,11 +28,11 @@ from typing import Any
 
 from prefect.logging.loggers import flow_run_logger
 
-from blocks import load_cloud
+from slipstream.blocks import load_cloud
 from slipstream.cloud.models import Ownership
-from slipstream.lease import TeardownProof, teardown_run
-from tasks.events import resource_event_emitter
-from tasks.report import publish_teardown_proof
+from slipstream.ownership.lease import TeardownProof, teardown_run
+from slipstream.tasks.events import resource_event_emitter
+from slipstream.tasks.report import publish_teardown_proof
 
 
 def teardown_on_cancellation(flow: Any, flow_run: Any, state: Any) -> None:

@@ -1,4 +1,4 @@
-"""Tasks that create and wait for cloud resources, always through a :class:`~slipstream.lease.Lease`."""
+"""Tasks that create and wait for cloud resources, always through a :class:`~slipstream.ownership.lease.Lease`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from prefect import get_run_logger, task
 from slipstream import progress
 from slipstream.cloud.models import FloatingIP, Keypair, Server, ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_floating_ip, wait_for_servers
-from slipstream.lease import Lease
-from tasks import CLOUD_TASK_OPTIONS
+from slipstream.ownership.lease import Lease
+from slipstream.tasks import CLOUD_TASK_OPTIONS
 
 
 @task(name="register-keypair", **CLOUD_TASK_OPTIONS)

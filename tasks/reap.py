@@ -3,7 +3,7 @@
 :func:`reap_clouds` is the one pass shared by ``slipstream reap`` and the ``reaper`` flow: for
 every configured cloud it lists what slipstream owns, resolves each run through this host's
 ledger and (when reachable) the Prefect API, and — unless it is a dry run — deletes what the
-reaper's table says to. See :mod:`slipstream.reaper` for the resolution order and the table.
+reaper's table says to. See :mod:`slipstream.ownership.reaper` for the resolution order and the table.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from slipstream.cloud.errors import CloudError
-from slipstream.heartbeat import HEARTBEAT_EVENT
-from slipstream.reaper import (
+from slipstream.ownership.heartbeat import HEARTBEAT_EVENT
+from slipstream.ownership.reaper import (
     OwnedResource,
     PrefectLookup,
     PrefectRun,
@@ -28,7 +28,7 @@ from slipstream.reaper import (
     reap,
 )
 
-log = logging.getLogger("slipstream.reaper")
+log = logging.getLogger("slipstream.ownership.reaper")
 
 OPENSTACK_BLOCK_SLUG = "slipstream-openstack-credentials"
 
@@ -113,7 +113,7 @@ def open_cloud(ref: str):
         from slipstream.cloud.local import LocalCloud
 
         return LocalCloud()  # no Prefect needed for the embedded cloud
-    from blocks import load_cloud
+    from slipstream.blocks import load_cloud
 
     return load_cloud(ref)
 
@@ -159,7 +159,7 @@ def _deleted_logger(cloud_name: str):
 
 def leak_event_emitter() -> LeakCallback:
     """An ``on_leak`` callback emitting one ``slipstream.resource.leaked`` event per resource."""
-    from tasks.events import emit_leaked
+    from slipstream.tasks.events import emit_leaked
 
     def emit(cloud_name: str, verdict: RunVerdict, res: OwnedResource) -> None:
         emit_leaked(cloud_name, verdict.run_id, verdict.pipeline, str(res.kind), res.id, res.name,

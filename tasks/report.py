@@ -19,12 +19,12 @@ import re
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from slipstream.accounting import MeteredServer
+from slipstream.cost.accounting import MeteredServer
 from slipstream.cloud.port import CloudProvider
-from slipstream.lease import ResourceKind, TeardownProof
-from slipstream.ledger import Ledger
-from slipstream.runreport import RunReport, gather_run_report, reports_dir, write_report_files
-from tasks import CLOUD_TASK_OPTIONS
+from slipstream.ownership.lease import ResourceKind, TeardownProof
+from slipstream.ownership.ledger import Ledger
+from slipstream.cost.reports import RunReport, gather_run_report, reports_dir, write_report_files
+from slipstream.tasks import CLOUD_TASK_OPTIONS
 
 
 def _key(pipeline: str, what: str) -> str:

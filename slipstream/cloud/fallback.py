@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from slipstream.cloud.errors import CapacityError, InvalidRequest, WaitTimeout
 from slipstream.cloud.models import Server, ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
-from slipstream.lease import Lease, ResourceKind
+from slipstream.ownership.lease import Lease, ResourceKind
 
 log = logging.getLogger("slipstream.fallback")
 

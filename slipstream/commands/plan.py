@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from slipstream.budget import FixedBalances, check_plan, resource_name, resource_of
-    from slipstream.planning import build_plan, parse_assignments
+    from slipstream.cost.budget import FixedBalances, check_plan, resource_name, resource_of
+    from slipstream.cost.planning import build_plan, parse_assignments
 
     console = Console()
     params = parse_assignments(args.params)
@@ -99,7 +99,7 @@ def _budget_figures(budget: dict[str, str]):
     run_budget = _number("budget_su", budget["budget_su"]) if budget.get("budget_su") else None
     if not budget.get("allocation"):
         return run_budget, None, None, ()
-    from blocks.allocation import load_allocation  # Prefect: only to read the saved block
+    from slipstream.blocks.allocation import load_allocation  # Prefect: only to read the saved block
 
     allocation = load_allocation(budget["allocation"])
     return (run_budget if run_budget is not None else allocation.run_budget_su,

@@ -45,8 +45,8 @@ def handle(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from slipstream.reaper import short_duration
-    from tasks.reap import configured_clouds, prefect_client, reap_clouds
+    from slipstream.ownership.reaper import short_duration
+    from slipstream.tasks.reap import configured_clouds, prefect_client, reap_clouds
 
     console = Console(highlight=False, soft_wrap=True)
     with prefect_client() as (client, why_not):

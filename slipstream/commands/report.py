@@ -35,7 +35,7 @@ def _open_cloud(ref: str):
         from slipstream.cloud.local import LocalCloud
 
         return LocalCloud()
-    from blocks import load_cloud  # a saved block needs Prefect's block store
+    from slipstream.blocks import load_cloud  # a saved block needs Prefect's block store
 
     return load_cloud(ref)
 
@@ -43,7 +43,7 @@ def _open_cloud(ref: str):
 def handle(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from slipstream.runreport import gather_run_report, write_report_files
+    from slipstream.cost.reports import gather_run_report, write_report_files
 
     console = Console(highlight=False, soft_wrap=True)
     report = gather_run_report(_open_cloud(args.cloud), args.run_id)

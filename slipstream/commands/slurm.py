@@ -75,7 +75,7 @@ def _cloud(ref: str):
         from slipstream.cloud.local import LocalCloud  # no Prefect import on the resume path
 
         return LocalCloud()
-    from blocks import load_cloud
+    from slipstream.blocks import load_cloud
 
     return load_cloud(ref)
 

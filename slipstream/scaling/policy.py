@@ -47,7 +47,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from slipstream.accounting import PlannedServers
+from slipstream.cost.accounting import PlannedServers
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.jetstream2 import FLAVORS, su_per_hour
 from slipstream.scaling.idle import IdlePolicy

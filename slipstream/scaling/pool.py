@@ -5,7 +5,7 @@ It never decides *how many* (that is :class:`~slipstream.scaling.policy.ScalingP
 what was decided, safely:
 
 - ``launch(n)`` creates ``n`` servers in **one** API call through the run's
-  :class:`~slipstream.lease.Lease`, so each carries ownership and is recorded before the call
+  :class:`~slipstream.ownership.lease.Lease`, so each carries ownership and is recorded before the call
   returns (a crash leaves nothing the reaper cannot find). A batch is named
   ``<prefix>-b<k>`` and its servers ``<prefix>-b<k>-<i>`` (Nova's multi-create names), so
   worker names are known before the VMs exist.
@@ -29,7 +29,7 @@ from enum import StrEnum
 from slipstream.cloud.errors import NotFound
 from slipstream.cloud.models import Server, ServerSpec, ServerStatus, check_name
 from slipstream.cloud.waiting import wait_for_servers
-from slipstream.lease import Lease, ResourceKind
+from slipstream.ownership.lease import Lease, ResourceKind
 from slipstream.retry import retry
 from slipstream.scaling.idle import IdleAction, IdlePolicy
 from slipstream.scaling.reconciler import ReconcileTable

@@ -20,11 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from slipstream.accounting import MeteredServer, PlannedServers, meter_servers
+from slipstream.cost.accounting import MeteredServer, PlannedServers, meter_servers
 from slipstream.cloud.errors import InvalidRequest, WaitTimeout
 from slipstream.cloud.models import ServerSpec
 from slipstream.cloud.waiting import wait_for_servers
-from slipstream.lease import Lease
+from slipstream.ownership.lease import Lease
 from slipstream.slurm.commands import FINISHED_STATES, JobInfo, Slurm
 from slipstream.slurm.config import ClusterSettings, write_cluster_files
 from slipstream.slurm.nodesetup import head_user_data
@@ -127,7 +127,7 @@ def slurm_cluster_plan(head_flavor: str = "m3.tiny", flavor: str = "m3.tiny", ma
                        max_hours: float = 1.0) -> list[PlannedServers]:
     """The worst case of the slurm-cluster flow: the head node and every cloud node ACTIVE for
     ``max_hours`` (in practice workers exist only while jobs need them)."""
-    from slipstream.planning import flavor_named  # the planning registry imports this module lazily
+    from slipstream.cost.planning import flavor_named  # the planning registry imports this module lazily
 
     if max_hours <= 0 or max_nodes < 1:
         raise InvalidRequest(f"max_hours must be positive and max_nodes at least 1 (got {max_hours}, {max_nodes})",

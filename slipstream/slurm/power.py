@@ -5,7 +5,7 @@ slurmctld calls them with a hostlist (``c-[1-3]``) through the cluster's ``bin/`
 
 - :meth:`SlurmPower.resume` — expands the hostlist safely, adopts nodes whose VM already exists
   (resume is idempotent), creates every missing node of the call in ONE batch owned by the
-  cluster's run (through a :class:`~slipstream.lease.Lease`, so each VM is in the ledger before
+  cluster's run (through a :class:`~slipstream.ownership.lease.Lease`, so each VM is in the ledger before
   the call is sent), waits for them, and records each VM in Slurm: ``NodeAddr=<VM address>
   Comment=instance=<id>``. All or nothing: on any failure it deletes what it created, requeues the
   nodes' jobs, powers the nodes down with the reason (slurmctld logs it) and raises.
@@ -23,13 +23,13 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from slipstream.accounting import MeteredServer, meter_servers
+from slipstream.cost.accounting import MeteredServer, meter_servers
 from slipstream.cloud.errors import CloudError, InvalidRequest
 from slipstream.cloud.models import Server, ServerSpec, ServerStatus, check_name
 from slipstream.cloud.port import CloudProvider
 from slipstream.cloud.waiting import wait_for_servers
-from slipstream.lease import Lease, ResourceKind
-from slipstream.ledger import Ledger
+from slipstream.ownership.lease import Lease, ResourceKind
+from slipstream.ownership.ledger import Ledger
 from slipstream.retry import retry
 from slipstream.scaling.reconciler import ReconcileTable
 from slipstream.slurm.commands import Slurm

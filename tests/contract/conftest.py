@@ -27,8 +27,8 @@ from openstack_lab import (  # noqa: F401  (the fixtures register themselves by 
 from slipstream.cloud.models import Ownership, ServerSpec
 from slipstream.cloud.port import CloudProvider
 from slipstream.jetstream2 import DEFAULT_IMAGE
-from slipstream.lease import Lease
-from slipstream.ledger import Ledger
+from slipstream.ownership.lease import Lease
+from slipstream.ownership.ledger import Ledger
 
 CLOUDS = ["local", "lab"]
 

@@ -67,7 +67,7 @@ def _report_leftovers(cloud: OpenStackCloud, config) -> None:
     """Name, at the end of the session, anything slipstream-owned still on the lab, with when it
     was made and when its lease ends: every test proves its own teardown, so a line here points at
     something made outside a Lease (or a clock that jumped under a running suite)."""
-    from slipstream.reaper import owned_by_run
+    from slipstream.ownership.reaper import owned_by_run
 
     try:
         left = owned_by_run(cloud)

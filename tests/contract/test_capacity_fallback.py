@@ -16,8 +16,8 @@ import pytest
 from slipstream.cloud.errors import CapacityError, QuotaExceeded
 from slipstream.cloud.fallback import Candidate, create_with_fallback
 from slipstream.cloud.models import Ownership, ServerSpec, ServerStatus
-from slipstream.lease import Lease
-from slipstream.ledger import Ledger
+from slipstream.ownership.lease import Lease
+from slipstream.ownership.ledger import Ledger
 
 FULL = "g3.large"  # LocalCloud: a GPU flavour whose hosts are full
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from slipstream.cloud.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from slipstream.cloud.models import OWNER_TAG, Keypair, ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
-from slipstream.lease import Lease
+from slipstream.ownership.lease import Lease
 from slipstream.slurm.power import NodeBatch
 
 BOOT_TIMEOUT = 300.0

@@ -23,7 +23,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import State, StateType
 
-from slipstream.accounting import meter_servers
+from slipstream.cost.accounting import meter_servers
 from slipstream.cloud.local.processes import process_table
 from slipstream.cloud.models import ServerStatus
 from slipstream.jetstream2 import FLAVORS, su_per_hour
@@ -46,7 +46,7 @@ class Served:
 # process work pool and `prefect worker start` (hooks then run in the worker).
 SERVE = """
 from prefect import serve
-from flows.vm_job import gpu_job, vm_job
+from slipstream.flows.vm_job import gpu_job, vm_job
 serve(vm_job.to_deployment(name={name!r}), gpu_job.to_deployment(name={name!r}), print_starting_message=False)
 """
 WORKER = """
@@ -225,10 +225,10 @@ def _flow_processes(runner_pid: int) -> list[int]:
 
 
 def test_the_hooks_are_idempotent_and_a_cloud_they_cannot_load_is_reported_not_raised(prefect_harness, cloud_env):
-    from flows.vm_job import vm_job
+    from slipstream.flows.vm_job import vm_job
     from slipstream.cloud.models import Ownership, ServerSpec
-    from slipstream.lease import Lease
-    from tasks.hooks import tear_down_flow_run, teardown_on_crash
+    from slipstream.ownership.lease import Lease
+    from slipstream.tasks.hooks import tear_down_flow_run, teardown_on_crash
 
     local_cloud = cloud_env
     with get_client(sync_client=True) as client:
@@ -256,12 +256,12 @@ def test_the_hooks_follow_nested_runs_to_any_depth_each_on_its_own_cloud(prefect
     parameter: its parent's). A crash of the outer run tears all three down where they live."""
     from prefect import task
 
-    from blocks.local_cloud import LocalCloudBlock
-    from flows.vm_job import gpu_job, vm_job
+    from slipstream.blocks.local_cloud import LocalCloudBlock
+    from slipstream.flows.vm_job import gpu_job, vm_job
     from slipstream.cloud.local import LocalCloud
     from slipstream.cloud.models import Ownership, ServerSpec
-    from slipstream.lease import Lease, teardown_run
-    from tasks.hooks import tear_down_flow_run
+    from slipstream.ownership.lease import Lease, teardown_run
+    from slipstream.tasks.hooks import tear_down_flow_run
 
     @task
     def step() -> None:
@@ -300,7 +300,7 @@ def test_the_flows_can_be_served_directly_their_parameters_resolve_in_the_runs_p
     its typed parameters (Literal flavour names) must still validate there."""
     import cloudpickle
 
-    from flows.vm_job import gpu_job, large_memory_job, vm_job
+    from slipstream.flows.vm_job import gpu_job, large_memory_job, vm_job
 
     for n, flow_obj in enumerate((vm_job, gpu_job, large_memory_job)):
         (tmp_path / f"{n}.pkl").write_bytes(cloudpickle.dumps(flow_obj))

@@ -24,14 +24,14 @@ from dataclasses import replace
 import pytest
 from prefect import flow
 
-from slipstream.accounting import meter_servers
+from slipstream.cost.accounting import meter_servers
 from slipstream.cloud.errors import CapacityError, QuotaExceeded, TransientError, WaitTimeout
 from slipstream.cloud.local import FaultOptions, LocalCloud
 from slipstream.cloud.models import ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
 from slipstream.jetstream2 import FLAVORS, Quotas, su_per_hour
-from slipstream.ledger import Ledger
-from slipstream.lease import Lease, teardown_run
+from slipstream.ownership.ledger import Ledger
+from slipstream.ownership.lease import Lease, teardown_run
 from slipstream.retry import RetryPolicy
 from support import owner
 
@@ -74,7 +74,7 @@ def run_id_of(state) -> str:
 # --- through the vm_job flow -------------------------------------------------------------------
 
 def test_a_503_burst_on_create_is_retried_and_boots_exactly_one_vm(cloud_env):
-    from flows.vm_job import vm_job
+    from slipstream.flows.vm_job import vm_job
 
     cloud_env.fail_next("create_servers", 2)
     result = vm_job(flavor="m3.tiny", command="echo survived")
@@ -86,7 +86,7 @@ def test_a_503_burst_on_create_is_retried_and_boots_exactly_one_vm(cloud_env):
 
 
 def test_a_503_burst_on_every_delete_is_retried_and_the_teardown_is_clean(cloud_env):
-    from flows.vm_job import vm_job
+    from slipstream.flows.vm_job import vm_job
 
     for op, n in (("delete_floating_ip", 2), ("delete_server", 3), ("delete_keypair", 2)):
         cloud_env.fail_next(op, n)
@@ -98,7 +98,7 @@ def test_a_503_burst_on_every_delete_is_retried_and_the_teardown_is_clean(cloud_
 
 
 def test_no_host_for_a_gpu_flavour_fails_with_what_to_do_and_costs_nothing(cloud_env):
-    from flows.vm_job import gpu_job
+    from slipstream.flows.vm_job import gpu_job
 
     configure(cloud_env, no_capacity=("g3",))
     state = gpu_job(flavor="g3.large", command="nvidia-smi", return_state=True)
@@ -113,7 +113,7 @@ def test_no_host_for_a_gpu_flavour_fails_with_what_to_do_and_costs_nothing(cloud
 
 
 def test_a_boot_slower_than_its_deadline_times_out_and_the_vm_is_deleted_unbilled(cloud_env):
-    from flows.vm_job import vm_job
+    from slipstream.flows.vm_job import vm_job
 
     configure(cloud_env, extra_boot_delay=60)
     state = vm_job(flavor="m3.small", command="true", boot_timeout_seconds=1.5, return_state=True)
@@ -217,7 +217,7 @@ class LostResponseCloud:
 
 
 def test_a_retried_task_whose_first_create_went_through_does_not_duplicate(local_cloud, tmp_path):
-    from tasks.provision import provision_servers, wait_until_active
+    from slipstream.tasks.provision import provision_servers, wait_until_active
 
     who, ledger = owner("lost-response"), Ledger(tmp_path / "ledger.db")
     cloud = LostResponseCloud(local_cloud)

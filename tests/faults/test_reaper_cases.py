@@ -26,7 +26,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 
-from slipstream.accounting import meter_servers
+from slipstream.cost.accounting import meter_servers
 from slipstream.cloud.local import FaultOptions, LocalCloud
 from slipstream.cloud.models import ServerStatus
 from slipstream.jetstream2 import FLAVORS, su_per_hour
@@ -48,7 +48,7 @@ class FlowProcess:
     def __init__(self, tmp_path: Path, api: str, command: str) -> None:
         code = textwrap.dedent(f"""
             import json
-            from flows.vm_job import vm_job
+            from slipstream.flows.vm_job import vm_job
             r = vm_job(flavor="m3.tiny", command={command!r}, max_hours=0.2, boot_timeout_seconds=120)
             print("RESULT " + json.dumps({{"run_id": r.run_id, "clean": r.teardown_clean,
                                           "stdout": r.stdout_tail}}), flush=True)
@@ -114,7 +114,7 @@ def assert_charged_until_reaped(cloud: LocalCloud, run_id: str, reaper_started: 
 
 
 def test_a_sigkilled_flow_is_cleaned_by_one_reaper_pass(flow_process, cloud_env):
-    from flows.reaper import reaper
+    from slipstream.flows.reaper import reaper
 
     flow = flow_process("sleep 600")
     server = wait_until(lambda: the_vm(cloud_env, S.ACTIVE), timeout=90, what="the run's VM to be ACTIVE")
@@ -135,7 +135,7 @@ def test_a_sigkilled_flow_is_cleaned_by_one_reaper_pass(flow_process, cloud_env)
 
 
 def test_the_reaper_leaves_a_run_that_is_provisioning_alone(flow_process, cloud_env):
-    from flows.reaper import reaper
+    from slipstream.flows.reaper import reaper
 
     slow_boot(cloud_env, 4.0)
     flow = flow_process("echo finished by myself")
@@ -158,7 +158,7 @@ def test_the_reaper_leaves_a_run_that_is_provisioning_alone(flow_process, cloud_
 
 @pytest.mark.parametrize("damage", ["missing", "corrupted"])
 def test_without_a_usable_ledger_the_reaper_still_finds_everything_by_its_tags(flow_process, cloud_env, damage):
-    from flows.reaper import reaper
+    from slipstream.flows.reaper import reaper
 
     flow = flow_process("sleep 600")
     server = wait_until(lambda: the_vm(cloud_env, S.ACTIVE), timeout=90, what="the run's VM to be ACTIVE")

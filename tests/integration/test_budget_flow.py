@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from slipstream.cloud.errors import BudgetExceeded
-from slipstream.ledger import Ledger
+from slipstream.ownership.ledger import Ledger
 from support import wait_until
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -19,7 +19,7 @@ def assert_nothing_was_created(cloud) -> None:
 
 
 def test_over_the_run_budget_fails_before_anything_exists(cloud_env):
-    from flows.vm_job import gpu_job
+    from slipstream.flows.vm_job import gpu_job
 
     with pytest.raises(BudgetExceeded) as err:
         gpu_job(command="python3 train.py", flavor="g3.large", max_hours=4, budget_su=100)
@@ -30,8 +30,8 @@ def test_over_the_run_budget_fails_before_anything_exists(cloud_env):
 
 
 def test_elastic_pools_are_held_to_their_worst_case_too(cloud_env, tmp_path):
-    from flows.dask_pipeline import dask_pipeline
-    from flows.slurm_cluster import slurm_cluster
+    from slipstream.flows.dask_pipeline import dask_pipeline
+    from slipstream.flows.slurm_cluster import slurm_cluster
 
     # 8 x m3.quad (4 SU/h each) for 2 h = 64 SU of workers, whatever the pool really holds.
     with pytest.raises(BudgetExceeded, match=r"worst case 64.00 SU .* exceeds the run budget of 10.00 SU"):
@@ -45,8 +45,8 @@ def test_elastic_pools_are_held_to_their_worst_case_too(cloud_env, tmp_path):
 
 
 def test_a_saved_allocation_holds_a_gpu_plan_to_its_gpu_balance(cloud_env, capsys):
-    from blocks.allocation import AllocationBlock
-    from flows.vm_job import gpu_job
+    from slipstream.blocks.allocation import AllocationBlock
+    from slipstream.flows.vm_job import gpu_job
     from slipstream.cli import main
 
     AllocationBlock(allocation_id="TRA160003", balance_cpu_su=100_000, balance_gpu_su=50,
@@ -63,7 +63,7 @@ def test_a_saved_allocation_holds_a_gpu_plan_to_its_gpu_balance(cloud_env, capsy
 
 
 def test_with_the_override_an_over_budget_job_runs_and_cleans_up(cloud_env):
-    from flows.vm_job import vm_job
+    from slipstream.flows.vm_job import vm_job
 
     result = vm_job(flavor="m3.tiny", command="echo fits in practice", max_hours=1, budget_su=0.5,
                     override_budget=True, budget_check_seconds=0.2)
@@ -85,7 +85,7 @@ def read_budget_events(run_id: str) -> list:
 
 
 def test_the_watchdog_warns_at_each_threshold_then_tears_the_run_down(cloud_env):
-    from flows.vm_job import vm_job
+    from slipstream.flows.vm_job import vm_job
 
     budget = 0.005  # 9 s of an ACTIVE m3.small (2 SU/h): spent while `sleep 120` runs
     with pytest.raises(BudgetExceeded, match="run budget spent: 0.00[5-9]\\d* of 0.0050 SU; the run was torn down") as err:

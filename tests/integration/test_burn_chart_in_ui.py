@@ -264,7 +264,7 @@ def _pixels_of(image: Image.Image, colour: tuple[int, int, int]) -> int:
 
 
 def test_the_demo_burn_chart_shows_on_its_artifact_page(chromium, prefect_ui, cloud_env, tmp_path):
-    from flows.demo import demo
+    from slipstream.flows.demo import demo
 
     result = demo(results_dir=str(tmp_path / "results"))
     assert result.teardown_clean and result.exit_status == 0

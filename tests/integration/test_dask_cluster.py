@@ -13,7 +13,7 @@ import distributed
 import numpy as np
 import pytest
 
-from slipstream.accounting import meter_servers
+from slipstream.cost.accounting import meter_servers
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import ServerStatus
 from slipstream.cloud.local.addresses import tcp_listeners

@@ -33,7 +33,7 @@ def dask_worker_processes() -> list[int]:
 
 
 def test_the_pipeline_scales_from_zero_to_many_and_back_and_leaves_nothing(cloud_env):
-    from flows.dask_pipeline import dask_pipeline
+    from slipstream.flows.dask_pipeline import dask_pipeline
 
     rows, cols, chunk_rows, seed = 16_000, 500, 500, 11
     before = set(dask_worker_processes())
@@ -60,7 +60,7 @@ def test_the_pipeline_scales_from_zero_to_many_and_back_and_leaves_nothing(cloud
 
 
 def test_a_bad_parameter_stops_the_pipeline_before_any_vm(cloud_env):
-    from flows.dask_pipeline import dask_pipeline
+    from slipstream.flows.dask_pipeline import dask_pipeline
 
     with pytest.raises(InvalidRequest, match="no flavour among m3.tiny fits one task of 2 cores"):
         dask_pipeline(flavor="m3.tiny", cores_per_task=2, image="slipstream-noop")
@@ -70,7 +70,7 @@ def test_a_bad_parameter_stops_the_pipeline_before_any_vm(cloud_env):
 
 
 def test_when_the_budget_is_spent_the_pool_is_closed_and_its_vms_deleted(cloud_env):
-    from flows.dask_pipeline import dask_pipeline
+    from slipstream.flows.dask_pipeline import dask_pipeline
 
     from slipstream.cloud.errors import BudgetExceeded
 

@@ -1,6 +1,6 @@
 """vm_job's provisioning story on the OpenStack lab, under Prefect's test harness.
 
-The same tasks ``flows.vm_job.vm_job`` runs — register the run's keypair, provision one server,
+The same tasks ``slipstream.flows.vm_job.vm_job`` runs — register the run's keypair, provision one server,
 wait until it is ACTIVE, attach a floating IP from ``public`` — inside a flow, with a Lease on the
 lab cloud signed in with the project's non-admin application credential; then the lease ends and
 its teardown proof must be clean.
@@ -31,9 +31,9 @@ from openstack_lab import lab_cloud_fixture  # noqa: F401  (the fixture register
 from slipstream import ssh
 from slipstream.cloud.models import Keypair, Ownership, Server, ServerSpec, ServerStatus
 from slipstream.jetstream2 import DEFAULT_IMAGE
-from slipstream.lease import Lease, TeardownProof
-from slipstream.ledger import Ledger
-from tasks.provision import attach_floating_ip, provision_servers, register_keypair, wait_until_active
+from slipstream.ownership.lease import Lease, TeardownProof
+from slipstream.ownership.ledger import Ledger
+from slipstream.tasks.provision import attach_floating_ip, provision_servers, register_keypair, wait_until_active
 
 pytestmark = pytest.mark.lab
 

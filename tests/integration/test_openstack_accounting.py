@@ -31,15 +31,15 @@ from openstack_lab import (  # noqa: F401  (the fixtures register themselves by 
     open_lab_cloud,
 )
 
-from slipstream.accounting import PlannedServers, meter_servers, run_burn_rate
-from slipstream.budget import GPU, AccountingServiceBalances, check_plan
+from slipstream.cost.accounting import PlannedServers, meter_servers, run_burn_rate
+from slipstream.cost.budget import GPU, AccountingServiceBalances, check_plan
 from slipstream.cloud.errors import BudgetExceeded, NotFound
 from slipstream.cloud.models import Ownership, ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
 from slipstream.jetstream2 import FLAVORS
-from slipstream.lease import Lease
-from slipstream.ledger import Ledger
-from slipstream.watchdog import BudgetWatchdog
+from slipstream.ownership.lease import Lease
+from slipstream.ownership.ledger import Ledger
+from slipstream.cost.watchdog import BudgetWatchdog
 from support import wait_until
 
 pytestmark = pytest.mark.lab
@@ -136,9 +136,9 @@ def test_a_flow_is_refused_by_the_accounting_balance_before_anything_is_created(
 ):
     monkeypatch.setenv("SLIPSTREAM_HOME", str(tmp_path / "slipstream"))
     with prefect_test_harness(server_startup_timeout=120):
-        from blocks.allocation import AllocationBlock
-        from blocks.openstack import OpenStackCredentials
-        from flows.vm_job import gpu_job
+        from slipstream.blocks.allocation import AllocationBlock
+        from slipstream.blocks.openstack import OpenStackCredentials
+        from slipstream.flows.vm_job import gpu_job
 
         OpenStackCredentials(cloud="lab", clouds_yaml_path=str(lab_clouds_yaml())).save("lab-accounting", overwrite=True)
         AllocationBlock(allocation_id="TRA160003", balance_source="accounting-service",

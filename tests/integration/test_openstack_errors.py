@@ -414,7 +414,7 @@ def test_exosphere_metadata_says_setup_is_complete():
 def test_block_needs_exactly_one_way_in_and_hides_the_secret(monkeypatch):
     from pydantic import ValidationError
 
-    from blocks.openstack import OpenStackCredentials
+    from slipstream.blocks.openstack import OpenStackCredentials
 
     with pytest.raises(ValidationError, match="application_credential_secret"):
         OpenStackCredentials(application_credential_id="abc")
@@ -428,7 +428,7 @@ def test_block_needs_exactly_one_way_in_and_hides_the_secret(monkeypatch):
     )
     assert SECRET not in repr(block) and SECRET not in block.model_dump_json()
     made = []
-    monkeypatch.setattr("blocks.openstack.connect", lambda **kw: made.append(kw) or object())
+    monkeypatch.setattr("slipstream.blocks.openstack.connect", lambda **kw: made.append(kw) or object())
     first = block.get_cloud()
     assert block.get_cloud() is first and len(made) == 1
     assert made[0]["application_credential_secret"] == SECRET and made[0]["region"] == "TACC"
@@ -436,7 +436,7 @@ def test_block_needs_exactly_one_way_in_and_hides_the_secret(monkeypatch):
 
 
 def test_block_turns_a_clouds_yaml_name_into_arguments():
-    from blocks.openstack import OpenStackCredentials
+    from slipstream.blocks.openstack import OpenStackCredentials
 
     block = OpenStackCredentials(
         cloud="lab", clouds_yaml_path="/x/clouds.yaml", exosphere_metadata=False

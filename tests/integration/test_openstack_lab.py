@@ -35,8 +35,8 @@ from slipstream.cloud.models import Ownership, ServerSpec, ServerStatus
 from slipstream.cloud.openstack import CredentialError, connect
 from slipstream.cloud.waiting import wait_for_servers
 from slipstream.jetstream2 import DEFAULT_IMAGE
-from slipstream.lease import Lease
-from slipstream.ledger import Ledger
+from slipstream.ownership.lease import Lease
+from slipstream.ownership.ledger import Ledger
 
 pytestmark = pytest.mark.lab
 

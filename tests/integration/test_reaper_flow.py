@@ -22,8 +22,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State, StateType
 
 from slipstream.cloud.models import Ownership, ServerSpec
-from slipstream.lease import Lease
-from slipstream.ledger import Ledger
+from slipstream.ownership.lease import Lease
+from slipstream.ownership.ledger import Ledger
 from support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,7 +71,7 @@ def _cli(*args: str, api: str) -> subprocess.CompletedProcess:
 
 
 def test_the_reaper_flow_reaps_dead_and_unknown_runs_and_leaves_a_running_one(cloud_env, prefect_api, tmp_path):
-    from flows.reaper import reaper
+    from slipstream.flows.reaper import reaper
 
     other = Ledger(tmp_path / "another-host.db")
     with get_client(sync_client=True) as client:
@@ -131,9 +131,9 @@ def test_a_running_run_whose_heartbeat_stopped_is_reaped_and_one_still_beating_i
     machine). One last beat 10 minutes ago — its host died with it — the other beats still."""
     from datetime import UTC, datetime, timedelta
 
-    from slipstream.heartbeat import HEARTBEAT_EVENT
-    from tasks.events import run_event
-    from tasks.reap import reap_clouds
+    from slipstream.ownership.heartbeat import HEARTBEAT_EVENT
+    from slipstream.tasks.events import run_event
+    from slipstream.tasks.reap import reap_clouds
 
     other = Ledger(tmp_path / "another-host.db")
     with get_client(sync_client=True) as client:
@@ -157,7 +157,7 @@ def test_a_running_run_whose_heartbeat_stopped_is_reaped_and_one_still_beating_i
 
 
 def test_a_flow_beats_its_heartbeat_while_it_works(cloud_env, prefect_api, monkeypatch):
-    from flows.vm_job import vm_job
+    from slipstream.flows.vm_job import vm_job
 
     monkeypatch.setenv("SLIPSTREAM_HEARTBEAT_SECONDS", "0.5")
     result = vm_job(flavor="m3.tiny", command="sleep 3")
@@ -170,7 +170,7 @@ def test_a_flow_beats_its_heartbeat_while_it_works(cloud_env, prefect_api, monke
 def _beats(run_id: str) -> list:
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-    from slipstream.heartbeat import HEARTBEAT_EVENT
+    from slipstream.ownership.heartbeat import HEARTBEAT_EVENT
 
     with get_client(sync_client=True) as client:
         page = client.read_events(filter=EventFilter(

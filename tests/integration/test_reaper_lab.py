@@ -23,9 +23,9 @@ from support import wait_until
 from slipstream.cloud.models import Ownership, ServerSpec
 from slipstream.cloud.waiting import wait_for_servers
 from slipstream.jetstream2 import DEFAULT_IMAGE
-from slipstream.lease import Lease, teardown_run
-from slipstream.ledger import Ledger
-from slipstream.reaper import RunState, RunStatus, Timing, Verdict, reap
+from slipstream.ownership.lease import Lease, teardown_run
+from slipstream.ownership.ledger import Ledger
+from slipstream.ownership.reaper import RunState, RunStatus, Timing, Verdict, reap
 
 pytestmark = pytest.mark.lab
 

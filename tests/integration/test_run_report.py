@@ -18,7 +18,7 @@ from uuid import UUID
 import pytest
 from PIL import Image
 
-from slipstream.accounting import meter_servers
+from slipstream.cost.accounting import meter_servers
 
 PIPELINE = "report-it"
 
@@ -48,7 +48,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_a_run_publishes_its_burn_chart_and_the_cli_writes_the_same_figures(cloud_env, tmp_path):
-    from flows.vm_job import vm_job
+    from slipstream.flows.vm_job import vm_job
 
     result = vm_job(flavor="m3.small", command="echo working; sleep 1", pipeline=PIPELINE)
     assert result.teardown_clean

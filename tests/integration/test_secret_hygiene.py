@@ -30,8 +30,8 @@ from prefect.client.orchestration import get_client
 
 # Imported here, not in the test: Prefect configures logging when first imported, which would
 # drop caplog's handler from the root logger.
-from blocks.openstack import OpenStackCredentials
-from flows.vm_job import vm_job
+from slipstream.blocks.openstack import OpenStackCredentials
+from slipstream.flows.vm_job import vm_job
 from slipstream import ssh
 from slipstream.cloud.local.servers import ServerOps
 from support import wait_until

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from slipstream.cloud.models import Ownership, ServerSpec
-from slipstream.lease import Lease
+from slipstream.ownership.lease import Lease
 from slipstream.slurm.cluster import ClusterPlan, ElasticCluster, start_cluster
 from slipstream.slurm.power import SlurmPower
 from tests.support import owner, wait_until
@@ -151,7 +151,7 @@ def flow_env(prefect_harness, local_cloud, homes, monkeypatch):
 
 
 def test_the_flow_runs_batch_scripts_and_tears_the_whole_cluster_down(flow_env, homes):
-    from flows.slurm_cluster import slurm_cluster
+    from slipstream.flows.slurm_cluster import slurm_cluster
 
     first = _job(homes / "count.sh", "echo $((1 + 2 + 3 + 4 + 5))\n")
     second = _job(homes / "greet.sh", 'echo "greetings from $SLURMD_NODENAME"\n')
@@ -169,7 +169,7 @@ def test_the_flow_runs_batch_scripts_and_tears_the_whole_cluster_down(flow_env, 
 
 
 def test_the_budget_watchdog_tears_a_cluster_down_when_its_budget_is_spent(flow_env, homes):
-    from flows.slurm_cluster import slurm_cluster
+    from slipstream.flows.slurm_cluster import slurm_cluster
 
     from slipstream.cloud.errors import BudgetExceeded
 
@@ -187,7 +187,7 @@ def test_the_budget_watchdog_tears_a_cluster_down_when_its_budget_is_spent(flow_
 
 
 def test_the_flow_refuses_missing_scripts_before_creating_anything(flow_env, homes):
-    from flows.slurm_cluster import slurm_cluster
+    from slipstream.flows.slurm_cluster import slurm_cluster
 
     from slipstream.cloud.errors import InvalidRequest
 

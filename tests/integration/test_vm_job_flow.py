@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def test_vm_job_runs_a_script_brings_results_back_and_leaves_nothing(cloud_env, tmp_path):
-    from flows.vm_job import gpu_job
+    from slipstream.flows.vm_job import gpu_job
 
     data = tmp_path / "numbers.txt"
     data.write_text("1 2 3 4\n")
@@ -37,7 +37,7 @@ def test_vm_job_runs_a_script_brings_results_back_and_leaves_nothing(cloud_env, 
 
 
 def test_a_failing_command_fails_the_flow_and_still_tears_down(cloud_env):
-    from flows.vm_job import vm_job
+    from slipstream.flows.vm_job import vm_job
 
     with pytest.raises(Exception, match="exit status 3|exited with 3|status 3"):
         vm_job(flavor="m3.tiny", command="echo working; exit 3")
@@ -57,7 +57,7 @@ def test_a_failing_command_fails_the_flow_and_still_tears_down(cloud_env):
     ],
 )
 def test_bad_input_fails_before_anything_is_created(cloud_env, kwargs, message):
-    from flows.vm_job import vm_job
+    from slipstream.flows.vm_job import vm_job
 
     calls_before = cloud_env.server_history()
     with pytest.raises((InvalidRequest, Exception), match=message):

@@ -4,7 +4,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from slipstream.accounting import PlannedServers, estimate, meter
+from slipstream.cost.accounting import PlannedServers, estimate, meter
 from slipstream.cloud.models import ServerStatus
 from slipstream.jetstream2 import FLAVORS, su_per_hour
 
@@ -68,7 +68,7 @@ def _server(name: str, flavor: str, status: ServerStatus):
 
 
 def test_burn_rate_is_what_the_held_servers_cost_per_hour_in_their_states():
-    from slipstream.accounting import burn_rate
+    from slipstream.cost.accounting import burn_rate
 
     servers = [
         _server("train", "g3.large", ServerStatus.ACTIVE),  # 32 SU/h
@@ -80,7 +80,7 @@ def test_burn_rate_is_what_the_held_servers_cost_per_hour_in_their_states():
 
 
 def test_burn_rate_names_a_flavour_without_a_rate():
-    from slipstream.accounting import burn_rate
+    from slipstream.cost.accounting import burn_rate
 
     with pytest.raises(ValueError, match="server odd has flavour 'x9.huge'"):
         burn_rate([_server("odd", "x9.huge", ServerStatus.ACTIVE)])
@@ -89,11 +89,11 @@ def test_burn_rate_names_a_flavour_without_a_rate():
 def test_run_burn_rate_on_the_local_cloud_follows_stop_and_shelve(local_cloud, tmp_path):
     from support import owner
 
-    from slipstream.accounting import run_burn_rate
+    from slipstream.cost.accounting import run_burn_rate
     from slipstream.cloud.models import ServerSpec
     from slipstream.cloud.waiting import wait_for_servers
-    from slipstream.lease import Lease
-    from slipstream.ledger import Ledger
+    from slipstream.ownership.lease import Lease
+    from slipstream.ownership.ledger import Ledger
 
     who = owner("burn")
 

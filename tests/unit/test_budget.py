@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from slipstream.accounting import PlannedServers
-from slipstream.budget import (
+from slipstream.cost.accounting import PlannedServers
+from slipstream.cost.budget import (
     CPU,
     GPU,
     LARGE_MEMORY,
@@ -24,7 +24,7 @@ from slipstream.budget import (
 )
 from slipstream.cloud.errors import BudgetExceeded, InvalidRequest
 from slipstream.jetstream2 import FLAVORS
-from slipstream.planning import build_plan, parse_assignments, register_plan, registered_flows
+from slipstream.cost.planning import build_plan, parse_assignments, register_plan, registered_flows
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -151,7 +151,7 @@ def test_unknown_flows_flavours_and_parameters_name_what_is_valid(flow, params, 
 
 
 def plan_unit_cluster(worker_flavor: str = "m3.quad", workers: int = 2, max_hours: float = 1.0) -> list[PlannedServers]:
-    from slipstream.planning import flavor_named
+    from slipstream.cost.planning import flavor_named
 
     return [PlannedServers(flavor_named("m3.small"), 1, max_hours), PlannedServers(flavor_named(worker_flavor), workers, max_hours)]
 
@@ -165,7 +165,7 @@ def test_other_flows_register_builders_by_reference():
         with pytest.raises(InvalidRequest, match="workers='four' is not a whole number"):
             build_plan("unit-test-cluster", {"workers": "four"})
     finally:
-        from slipstream import planning
+        from slipstream.cost import planning
 
         planning._PLANS.pop("unit-test-cluster")
 
@@ -221,14 +221,14 @@ def test_slipstream_plan_bad_input_is_one_clean_line():
 def test_the_allocation_block_says_what_to_change(fields, message):
     from pydantic import ValidationError
 
-    from blocks.allocation import AllocationBlock
+    from slipstream.blocks.allocation import AllocationBlock
 
     with pytest.raises(ValidationError, match=message):
         AllocationBlock(**{"allocation_id": "TRA160003", **fields})
 
 
 def test_the_allocation_block_becomes_the_core_allocation():
-    from blocks.allocation import AllocationBlock
+    from slipstream.blocks.allocation import AllocationBlock
 
     block = AllocationBlock(allocation_id="TRA160003", balance_gpu_su=500, run_budget_su=50, thresholds=[0.9, 0.5])
     allocation = block.get_allocation()

@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from PIL import Image
 
-from slipstream.accounting import meter
-from slipstream.burnchart import ServerUsage, burn_curve, render_burn_chart
+from slipstream.cost.accounting import meter
+from slipstream.cost.burnchart import ServerUsage, burn_curve, render_burn_chart
 from slipstream.cloud.models import ServerStatus as S
 from slipstream.jetstream2 import FLAVORS
 
@@ -96,6 +96,6 @@ def test_an_empty_run_still_gives_a_chart_of_any_size():
 
 
 def test_drawing_does_not_use_pyplot_global_state():
-    code = ("import sys; from slipstream.burnchart import burn_curve, render_burn_chart; "
+    code = ("import sys; from slipstream.cost.burnchart import burn_curve, render_burn_chart; "
             "render_burn_chart(burn_curve([])); assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

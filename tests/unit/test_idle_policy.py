@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from slipstream.accounting import meter
+from slipstream.cost.accounting import meter
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import ServerStatus
 from slipstream.jetstream2 import FLAVORS, su_per_hour
-from slipstream.lease import Lease
+from slipstream.ownership.lease import Lease
 from slipstream.scaling.idle import IdleAction, IdlePolicy
 from slipstream.scaling.policy import ScalingConfig
 from slipstream.scaling.pool import WorkerPool

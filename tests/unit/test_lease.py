@@ -6,8 +6,8 @@ import pytest
 
 from slipstream.cloud.models import Ownership, ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
-from slipstream.ledger import Ledger
-from slipstream.lease import Lease
+from slipstream.ownership.ledger import Ledger
+from slipstream.ownership.lease import Lease
 from slipstream.retry import RetryPolicy
 from slipstream.ssh import generate_keypair
 

@@ -21,10 +21,10 @@ import pytest
 
 from slipstream.cloud.errors import NotFound
 from slipstream.cloud.models import Ownership, ServerSpec
-from slipstream.lease import Lease
-from slipstream.heartbeat import STALE_AFTER, heartbeat
-from slipstream.ledger import Ledger
-from slipstream.reaper import (
+from slipstream.ownership.lease import Lease
+from slipstream.ownership.heartbeat import STALE_AFTER, heartbeat
+from slipstream.ownership.ledger import Ledger
+from slipstream.ownership.reaper import (
     REAP_TABLE,
     PrefectRun,
     PrefectUnreachable,
@@ -57,7 +57,7 @@ def crashed_run(local_cloud, tmp_path, run_id: str, servers: int = 2) -> None:
         from datetime import timedelta
         from slipstream.cloud.local import LocalCloud
         from slipstream.cloud.models import Ownership, ServerSpec
-        from slipstream.lease import Lease
+        from slipstream.ownership.lease import Lease
         lease = Lease(LocalCloud({str(local_cloud.home)!r}),
                       Ownership.new("crashy", run_id={run_id!r}, lease=timedelta(hours=1)))
         lease.create_keypair({KEY!r})

@@ -10,13 +10,13 @@ import pytest
 from PIL import Image
 from support import owner, wait_until
 
-from slipstream.accounting import meter_servers
+from slipstream.cost.accounting import meter_servers
 from slipstream.cli import main
 from slipstream.cloud.errors import InvalidRequest, NotFound
 from slipstream.cloud.models import ServerSpec, ServerStatus
-from slipstream.lease import Lease
-from slipstream.ledger import Ledger
-from slipstream.runreport import gather_run_report, reports_dir, write_report_files
+from slipstream.ownership.lease import Lease
+from slipstream.ownership.ledger import Ledger
+from slipstream.cost.reports import gather_run_report, reports_dir, write_report_files
 
 
 @pytest.fixture

@@ -7,12 +7,12 @@ import threading
 
 import pytest
 
-from slipstream.accounting import meter_servers
+from slipstream.cost.accounting import meter_servers
 from slipstream.cloud.models import ServerSpec
 from slipstream.cloud.waiting import wait_for_servers
-from slipstream.lease import Lease, teardown_run
-from slipstream.ledger import Ledger
-from slipstream.watchdog import BudgetWatchdog
+from slipstream.ownership.lease import Lease, teardown_run
+from slipstream.ownership.ledger import Ledger
+from slipstream.cost.watchdog import BudgetWatchdog
 from support import owner, wait_until
 
 G3_MEDIUM_SU_PER_SECOND = 16 / 3600  # 8 vCPU x 2 SU

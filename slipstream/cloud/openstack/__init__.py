@@ -20,7 +20,7 @@ Example::
 
     from slipstream.cloud import Ownership, ServerSpec
     from slipstream.cloud.waiting import wait_for_servers
-    from slipstream.lease import Lease
+    from slipstream.ownership.lease import Lease
 
     owner = Ownership.new("my-pipeline")
     with Lease(cloud, owner) as lease:

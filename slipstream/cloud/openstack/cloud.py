@@ -25,7 +25,7 @@ class OpenStackCloud(ServerOperations, NetworkOperations, StorageOperations):
 
     def read_accounting(self) -> list[Any]:
         """The project's allocations from Jetstream2's ``accounting`` service (JSON list; see
-        :func:`slipstream.budget.parse_accounting`): found in the Keystone catalogue, read with
+        :func:`slipstream.cost.budget.parse_accounting`): found in the Keystone catalogue, read with
         one authenticated GET on the endpoint itself, as Exosphere does."""
         session = self.conn.session
         url = None

@@ -5,7 +5,7 @@ deployment run dies. What neither can catch — a flow process killed with ``kil
 runner, a laptop that lost power, a hook that failed — the reaper finds by the ownership tags
 every resource carries, and deletes after a grace period::
 
-    from slipstream.reaper import reap, run_resolver
+    from slipstream.ownership.reaper import reap, run_resolver
     report = reap(cloud, run_resolver(ledger, ask_prefect=None))          # dry run: what and why
     report = reap(cloud, run_resolver(ledger), act=True)                  # delete, with proofs
 
@@ -18,7 +18,7 @@ How a run's state is resolved (:func:`run_resolver`), in this order:
    Completed/Failed → FINISHED, Crashed → CRASHED, Cancelled → CANCELLED. Exception: Prefect says
    the run is still going but every process that held its lease was on this host and is gone
    (a flow killed outside a runner never reports its crash), or the run's heartbeat
-   (:mod:`slipstream.heartbeat`) stopped more than ``STALE_AFTER`` ago (its host died) → CRASHED.
+   (:mod:`slipstream.ownership.heartbeat`) stopped more than ``STALE_AFTER`` ago (its host died) → CRASHED.
 3. **The ledger alone**: the run's processes were all on this host and are gone → CRASHED.
 4. Otherwise UNKNOWN if Prefect was asked and has no such run; UNRESOLVED if Prefect could not
    be asked and nothing on this host knows the run (it may be alive on another machine).
@@ -28,7 +28,7 @@ CRASHED, CANCELLED and UNKNOWN runs are reaped once the grace period has passed 
 last sign of life (its newest resource, its start, or its end, whichever is latest); LIVE and
 UNRESOLVED runs are reaped only when their lease has expired (``Ownership.expires_at`` + grace).
 Nothing is ever deleted that the provider port does not list as slipstream-owned, and deletion
-goes through :func:`slipstream.lease.teardown_run` (dependency order, retries, teardown proof).
+goes through :func:`slipstream.ownership.lease.teardown_run` (dependency order, retries, teardown proof).
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ from pathlib import Path
 
 from slipstream.cloud.local.processes import proc_stat
 from slipstream.cloud.port import CloudProvider
-from slipstream.heartbeat import STALE_AFTER
-from slipstream.lease import EventCallback, ResourceKind, TeardownProof, teardown_run
-from slipstream.ledger import Ledger, RunProcess
+from slipstream.ownership.heartbeat import STALE_AFTER
+from slipstream.ownership.lease import EventCallback, ResourceKind, TeardownProof, teardown_run
+from slipstream.ownership.ledger import Ledger, RunProcess
 from slipstream.retry import DEFAULT_RETRY, RetryPolicy
 from slipstream.scaling.reconciler import ReconcileTable
 
-log = logging.getLogger("slipstream.reaper")
+log = logging.getLogger("slipstream.ownership.reaper")
 
 DEFAULT_GRACE = timedelta(minutes=15)
 

@@ -15,7 +15,7 @@ Gathered from two sources, neither of which needs Prefect:
     write_report_files(report, Path("slipstream-report-989756c5"))
     # -> resources.csv, cost.csv (SU estimated vs spent per server), teardown.md, burn.png
 
-The SU figures are :func:`slipstream.accounting.meter_log`'s, and the burn chart is built
+The SU figures are :func:`slipstream.cost.accounting.meter_log`'s, and the burn chart is built
 with the same meter, so the table, the chart and the flow's own result always agree.
 """
 
@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from slipstream.accounting import MeteredServer, meter_log
-from slipstream.burnchart import BurnCurve, ServerUsage, burn_curve, render_burn_chart
+from slipstream.cost.accounting import MeteredServer, meter_log
+from slipstream.cost.burnchart import BurnCurve, ServerUsage, burn_curve, render_burn_chart
 from slipstream.cloud.errors import CloudError, InvalidRequest, NotFound
 from slipstream.cloud.models import Flavor, Ownership, ServerStatus
 from slipstream.cloud.port import CloudProvider
 from slipstream.jetstream2 import FLAVORS, su_per_hour
-from slipstream.lease import Lease, ResourceKind
-from slipstream.ledger import Ledger
+from slipstream.ownership.lease import Lease, ResourceKind
+from slipstream.ownership.ledger import Ledger
 from slipstream.paths import slipstream_home
 
 REPORT_FILES = ("resources.csv", "cost.csv", "teardown.md", "burn.png")

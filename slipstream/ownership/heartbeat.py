@@ -18,7 +18,7 @@ from datetime import timedelta
 
 from slipstream.periodic import Periodic
 
-log = logging.getLogger("slipstream.heartbeat")
+log = logging.getLogger("slipstream.ownership.heartbeat")
 
 #: The event a beat is, in Prefect (resource ``slipstream.run.<run id>``).
 HEARTBEAT_EVENT = "slipstream.run.heartbeat"

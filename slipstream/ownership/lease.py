@@ -12,7 +12,7 @@ Use it as a context manager around the work::
 Guarantees:
 
 - every resource is stamped with ``owner`` by the creating call itself and noted in the
-  :class:`~slipstream.ledger.Ledger` *before* that call is sent;
+  :class:`~slipstream.ownership.ledger.Ledger` *before* that call is sent;
 - on leaving the block — success, exception, ``KeyboardInterrupt``, cancellation — everything
   the run owns on the cloud (what this lease created, and anything else tagged with its run id)
   is deleted in dependency order (floating IPs, servers, volumes, keypairs), each delete retried
@@ -36,10 +36,10 @@ from enum import StrEnum
 from slipstream.cloud.errors import CloudError, NotFound, TransientError, WaitTimeout
 from slipstream.cloud.models import FloatingIP, Keypair, Ownership, Server, ServerSpec, Volume
 from slipstream.cloud.port import CloudProvider
-from slipstream.ledger import Ledger, this_process
+from slipstream.ownership.ledger import Ledger, this_process
 from slipstream.retry import DEFAULT_RETRY, RetryPolicy, retry
 
-log = logging.getLogger("slipstream.lease")
+log = logging.getLogger("slipstream.ownership.lease")
 
 
 class ResourceKind(StrEnum):

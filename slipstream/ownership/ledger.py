@@ -1,6 +1,6 @@
 """The ledger: a local record of every resource slipstream is about to create or has created.
 
-A :class:`~slipstream.lease.Lease` writes an entry *before* the creating call is sent and
+A :class:`~slipstream.ownership.lease.Lease` writes an entry *before* the creating call is sent and
 completes it when the call returns, so that even a crash between the two leaves a trace. The
 ledger is a convenience for the reaper and for ``slipstream ls``, not the source of truth: every
 resource also carries its ownership tags on the cloud itself, and the reaper finds resources by

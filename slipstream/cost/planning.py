@@ -1,11 +1,11 @@
 """What each flow would create, from its parameters, without creating anything.
 
 ``slipstream plan <flow> key=value ...`` and the budget guard need, for every flow, the servers it
-plans to hold and for how long: a list of :class:`~slipstream.accounting.PlannedServers`. Each
+plans to hold and for how long: a list of :class:`~slipstream.cost.accounting.PlannedServers`. Each
 flow registers a *plan builder* here — a plain function whose keyword parameters are the flow
 parameters that change the cost (with the flow's defaults), returning that list::
 
-    from slipstream.planning import register_plan
+    from slipstream.cost.planning import register_plan
 
     def plan_my_cluster(head_flavor: str = "m3.small", workers: int = 4,
                         worker_flavor: str = "m3.quad", max_hours: float = 2.0) -> list[PlannedServers]:
@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from slipstream.accounting import PlannedServers
+from slipstream.cost.accounting import PlannedServers
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Flavor
 from slipstream.jetstream2 import FLAVORS

@@ -3,7 +3,7 @@
 Jetstream2 keeps a separate SU balance per ACCESS resource — CPU (m3), GPU (g3/g4/g5), large
 memory (r3) and storage — so a g3 plan is checked against the GPU balance, never the CPU one.
 Before anything is created, :func:`check_plan` compares a plan's worst case (every server ACTIVE
-for its whole walltime, :func:`slipstream.accounting.estimate`) with
+for its whole walltime, :func:`slipstream.cost.accounting.estimate`) with
 
 - the run's budget (SU this one run may spend), and
 - the remaining balance of each ACCESS resource the plan charges,
@@ -12,7 +12,7 @@ and :func:`enforce` refuses an unaffordable plan with :class:`BudgetExceeded`, n
 and the ways forward (raise the budget, shorten ``max_hours``, a smaller flavour, or the explicit
 override)::
 
-    from slipstream.budget import FixedBalances, check_plan, enforce
+    from slipstream.cost.budget import FixedBalances, check_plan, enforce
     verdict = check_plan(plan, run_budget_su=100, balances=FixedBalances({"gpu": 5000}).read())
     enforce(verdict)                 # raises BudgetExceeded when refused
     print(verdict.summary())
@@ -28,10 +28,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from slipstream.accounting import PlannedServers, estimate
+from slipstream.cost.accounting import PlannedServers, estimate
 from slipstream.cloud.errors import BudgetExceeded, InvalidRequest
 from slipstream.jetstream2 import ACCESS_RESOURCES, FLAVORS, su_per_hour
-from slipstream.watchdog import WARNING_THRESHOLDS
+from slipstream.cost.watchdog import WARNING_THRESHOLDS
 
 CPU = "jetstream2.indiana.xsede.org"
 GPU = "jetstream2-gpu.indiana.xsede.org"

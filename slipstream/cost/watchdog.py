@@ -2,7 +2,7 @@
 
 A background thread that, every ``interval`` seconds, lists the run's servers on the cloud (one
 call, by run id), reads each one's state log and meters it at Jetstream2 rates
-(:func:`slipstream.accounting.meter_log`) — servers it saw earlier are still counted after they
+(:func:`slipstream.cost.accounting.meter_log`) — servers it saw earlier are still counted after they
 are deleted (their final cost, read once), so the total never goes down. Then:
 
 - ``on_threshold(fraction, spent, budget)`` once for each configured share of the budget the run
@@ -27,12 +27,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
-from slipstream.accounting import burn_rate, meter_log
+from slipstream.cost.accounting import burn_rate, meter_log
 from slipstream.cloud.models import Flavor, ServerStatus
 from slipstream.cloud.port import CloudProvider
 from slipstream.periodic import Periodic
 
-log = logging.getLogger("slipstream.watchdog")
+log = logging.getLogger("slipstream.cost.watchdog")
 
 #: Shares of the run budget at which the watchdog warns, unless an allocation says otherwise.
 WARNING_THRESHOLDS: tuple[float, ...] = (0.5, 0.8, 0.9)

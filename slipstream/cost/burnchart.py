@@ -1,7 +1,7 @@
 """The burn chart: how a run's Service Units added up over time, as a PNG.
 
 Each server's state log (BUILD, ACTIVE, SHUTOFF, SHELVED, ... with timestamps) becomes a
-cumulative SU curve. The numbers come from :func:`slipstream.accounting.meter` — the value at
+cumulative SU curve. The numbers come from :func:`slipstream.cost.accounting.meter` — the value at
 time ``t`` is the meter run over the log up to ``t`` — so the chart ends exactly where the cost
 table does. Between two status changes the charge rate is constant, so the curve is straight
 between them and the points at the changes are exact::
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from slipstream.accounting import StateLog, meter
+from slipstream.cost.accounting import StateLog, meter
 from slipstream.cloud.models import Flavor, ServerStatus
 
 #: Beyond this many servers the legend stops being readable: draw only the total.
