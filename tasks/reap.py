@@ -71,15 +71,16 @@ def prefect_lookup(client) -> PrefectLookup:
         state = run.state
         if state is None:
             return PrefectRun("PENDING", "no state yet")
-        beat = last_heartbeat(client, run_id) if state.type.value == "RUNNING" else None
-        return PrefectRun(state.type.value, state.name, run.end_time, beat)
+        beat, host = last_heartbeat(client, run_id) if state.type.value == "RUNNING" else (None, None)
+        return PrefectRun(state.type.value, state.name, run.end_time, beat, host)
 
     return ask
 
 
-def last_heartbeat(client, run_id: str) -> datetime | None:
-    """When the run last beat: slipstream's own heartbeat (``tasks/heartbeat.py``) or the one a
-    Prefect runner sends with ``PREFECT_RUNNER_HEARTBEAT_FREQUENCY`` set; None if it never did."""
+def last_heartbeat(client, run_id: str) -> tuple[datetime | None, str | None]:
+    """When the run last beat and from which host: slipstream's own heartbeat
+    (``tasks/heartbeat.py``, whose payload names its host) or the one a Prefect runner sends with
+    ``PREFECT_RUNNER_HEARTBEAT_FREQUENCY`` set (host unknown); ``(None, None)`` if it never did."""
     from prefect.events.filters import EventFilter, EventNameFilter, EventOrder, EventResourceFilter
 
     try:
@@ -89,8 +90,12 @@ def last_heartbeat(client, run_id: str) -> datetime | None:
             order=EventOrder.DESC), limit=1)
     except Exception as err:  # noqa: BLE001 - without beats the run is judged by its state alone
         log.info("could not read the heartbeat of run %s: %s", run_id, err)
-        return None
-    return page.events[0].occurred if page.events else None
+        return None, None
+    if not page.events:
+        return None, None
+    newest = page.events[0]
+    host = (newest.payload or {}).get("host")
+    return newest.occurred, host if isinstance(host, str) and host else None
 
 
 def configured_clouds(client, extra: Iterable[str] = ()) -> list[str]:

@@ -11,7 +11,7 @@ from slipstream.cloud.models import Ownership
 
 
 def owner(pipeline: str = "unit") -> Ownership:
-    return Ownership.new(pipeline, run_id=f"t{uuid.uuid4().hex[:12]}", lease=timedelta(hours=1))
+    return Ownership.new(pipeline, run_id=uuid.uuid4().hex, lease=timedelta(hours=1))
 
 
 def wait_until(predicate, timeout: float = 15.0, what: str = "condition"):

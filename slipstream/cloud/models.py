@@ -60,6 +60,14 @@ def _check_token(value: str, what: str) -> str:
 OWNER_TAG = "slipstream"
 RUN_TAG_PREFIX = "slipstream-run:"
 _META_PREFIX = "slipstream:"
+_KEY_PREFIX = "slipstream-"
+# The run ids slipstream makes: a Prefect flow-run id (canonical UUID) or Ownership.new's uuid4().hex.
+_MADE_RUN_ID = re.compile(r"^(?:[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
+
+
+def is_made_run_id(run_id: str) -> bool:
+    """Is ``run_id`` of a form slipstream makes (a Prefect flow-run id or a generated one)?"""
+    return isinstance(run_id, str) and bool(_MADE_RUN_ID.match(run_id))
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,43 @@ class Ownership:
 
     def is_expired(self, now: datetime | None = None, grace: timedelta = timedelta(0)) -> bool:
         return (now or datetime.now(UTC)) > self.expires_at + grace
+
+
+@dataclass(frozen=True)
+class LeaseRenewal:
+    """A heartbeat's renewal of a run's lease, stamped on its servers and volumes beside the
+    ownership: the new ``expires_at``, when and by which host. The host tells a reaper that a
+    run whose processes on the reaper's host are gone is still held elsewhere."""
+
+    expires_at: datetime
+    renewed_at: datetime
+    renewed_by: str  # host name of the renewing process
+
+    def metadata(self) -> dict[str, str]:
+        """The keys a renewal writes (``expires_at`` replaces the ownership's)."""
+        return {
+            f"{_META_PREFIX}expires_at": self.expires_at.astimezone(UTC).isoformat(timespec="seconds"),
+            f"{_META_PREFIX}renewed_at": self.renewed_at.astimezone(UTC).isoformat(timespec="seconds"),
+            f"{_META_PREFIX}renewed_by": self.renewed_by[:255],
+        }
+
+    def check_extends(self, due_before: datetime) -> None:
+        """Raise InvalidRequest unless renewing leases that end before ``due_before`` extends them."""
+        if due_before > self.expires_at:
+            raise InvalidRequest(
+                f"renewing leases due before {due_before:%Y-%m-%d %H:%M:%S} UTC to "
+                f"{self.expires_at:%Y-%m-%d %H:%M:%S} UTC would shorten them",
+                hint="Pass a due_before no later than the renewal's expires_at.")
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> LeaseRenewal | None:
+        """The last renewal stamped in ``metadata``, or None if the lease was never renewed."""
+        try:
+            return cls(datetime.fromisoformat(metadata[f"{_META_PREFIX}expires_at"]),
+                       datetime.fromisoformat(metadata[f"{_META_PREFIX}renewed_at"]),
+                       metadata[f"{_META_PREFIX}renewed_by"])
+        except (KeyError, ValueError):
+            return None
 
 
 @dataclass(frozen=True)
@@ -218,7 +263,9 @@ class Server:
 @dataclass(frozen=True)
 class Keypair:
     """An SSH public key registered with the cloud. Nova keypairs carry no tags or metadata, so
-    slipstream's ownership lives in the name: ``slipstream-<run id>``."""
+    slipstream's ownership lives in the name: ``slipstream-<run id>``, and only for run ids of the
+    form slipstream makes (:func:`is_made_run_id`) — a researcher's own ``slipstream-laptop`` key
+    is never slipstream's."""
 
     name: str
     fingerprint: str
@@ -226,12 +273,24 @@ class Keypair:
 
     @staticmethod
     def name_for_run(run_id: str) -> str:
-        return f"slipstream-{run_id}"
+        if not is_made_run_id(run_id):
+            raise InvalidRequest(
+                f"run id {run_id!r} cannot own a keypair",
+                hint="Keypairs carry no tags, so slipstream owns only keys named slipstream-<run id> "
+                     "for a Prefect flow-run id or an id Ownership.new generated; let Ownership.new "
+                     "choose the run id (or pass the flow run's id).")
+        return f"{_KEY_PREFIX}{run_id}"
+
+    @staticmethod
+    def run_of(name: str) -> str | None:
+        """The run owning a keypair named ``name``, or None if slipstream does not own it."""
+        suffix = name[len(_KEY_PREFIX):] if isinstance(name, str) and name.startswith(_KEY_PREFIX) else ""
+        return suffix if is_made_run_id(suffix) else None
 
     @property
     def run_id(self) -> str | None:
-        prefix = "slipstream-"
-        return self.name[len(prefix):] if self.name.startswith(prefix) else None
+        return Keypair.run_of(self.name)
+
 
 
 @dataclass(frozen=True)

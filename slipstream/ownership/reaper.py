@@ -9,61 +9,51 @@ every resource carries, and deletes after a grace period::
     report = reap(cloud, run_resolver(ledger, ask_prefect=None))          # dry run: what and why
     report = reap(cloud, run_resolver(ledger), act=True)                  # delete, with proofs
 
-How a run's state is resolved (:func:`run_resolver`), in this order:
-
-1. **A live process on this host.** A Lease notes ``(run id, host, pid, pid start time)`` in the
-   ledger when it first creates something. If one such process is still running, the run is
-   LIVE, whatever else says so: a plain-Python run (generated id, unknown to Prefect) is safe.
-2. **Prefect**, if it can be asked: Scheduled/Pending/Running/Paused/Cancelling → LIVE,
-   Completed/Failed → FINISHED, Crashed → CRASHED, Cancelled → CANCELLED. Exception: Prefect says
-   the run is still going but every process that held its lease was on this host and is gone
-   (a flow killed outside a runner never reports its crash), or the run's heartbeat
-   (:mod:`slipstream.ownership.heartbeat`) stopped more than ``STALE_AFTER`` ago (its host died) → CRASHED.
-3. **The ledger alone**: the run's processes were all on this host and are gone → CRASHED.
-4. Otherwise UNKNOWN if Prefect was asked and has no such run; UNRESOLVED if Prefect could not
-   be asked and nothing on this host knows the run (it may be alive on another machine).
+Whether a run is alive is :mod:`slipstream.ownership.liveness`'s business (:class:`RunResolver`):
+it resolves to LIVE, to a state that is positive evidence of death (FINISHED, CRASHED,
+CANCELLED), or to UNKNOWN/UNRESOLVED when nothing the reaper can see says either way.
 
 What happens to a run is the table :data:`REAP_TABLE`, keyed by (state, timing): FINISHED,
-CRASHED, CANCELLED and UNKNOWN runs are reaped once the grace period has passed since the run's
-last sign of life (its newest resource, its start, or its end, whichever is latest); LIVE and
-UNRESOLVED runs are reaped only when their lease has expired (``Ownership.expires_at`` + grace).
-Nothing is ever deleted that the provider port does not list as slipstream-owned, and deletion
-goes through :func:`slipstream.ownership.lease.teardown_run` (dependency order, retries, teardown proof).
+CRASHED and CANCELLED runs are reaped once the grace period has passed since the run's last sign
+of life (its newest resource, its start, or its end, whichever is latest); LIVE, UNKNOWN and
+UNRESOLVED runs only when their lease has expired (the latest ``expires_at`` on their resources,
+which a beating run renews, plus the grace period). A keypair is reaped only with a run that is
+positively dead: a lease that merely expired leaves it (it costs nothing). Nothing is ever
+deleted that the provider port does not list as slipstream-owned, and deletion goes through
+:func:`slipstream.ownership.lease.teardown_run` (dependency order, retries, teardown proof).
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import sqlite3
 import tempfile
-import uuid
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 
-from slipstream.cloud.local.processes import proc_stat
+from slipstream.cloud.models import Keypair, LeaseRenewal
 from slipstream.cloud.port import CloudProvider
-from slipstream.ownership.heartbeat import STALE_AFTER
 from slipstream.ownership.lease import EventCallback, ResourceKind, TeardownProof, teardown_run
-from slipstream.ownership.ledger import Ledger, RunProcess
+from slipstream.ownership.ledger import Ledger
+from slipstream.ownership.liveness import (  # noqa: F401  (re-exported: the reaper's vocabulary)
+    DEAD_STATES,
+    PrefectLookup,
+    PrefectRun,
+    PrefectUnreachable,
+    Resolver,
+    RunResolver,
+    RunState,
+    RunStatus,
+    process_alive,
+)
 from slipstream.retry import DEFAULT_RETRY, RetryPolicy
 from slipstream.scaling.reconciler import ReconcileTable
 
 log = logging.getLogger("slipstream.ownership.reaper")
 
 DEFAULT_GRACE = timedelta(minutes=15)
-
-
-class RunState(StrEnum):
-    LIVE = "live"
-    FINISHED = "finished"
-    CRASHED = "crashed"
-    CANCELLED = "cancelled"
-    UNKNOWN = "unknown"  # Prefect was asked and has no such run; no live process here
-    UNRESOLVED = "unresolved"  # Prefect could not be asked and this host does not know the run
 
 
 class Timing(StrEnum):
@@ -77,131 +67,18 @@ class Verdict(StrEnum):
     REAP = "reap"
 
 
-#: The reaper's whole policy. A LIVE run is never reaped before its lease expires.
+#: The reaper's whole policy: before its lease expires, a run is reaped only on positive evidence
+#: of death. A live run, and one nothing here knows (maybe alive elsewhere), waits for its lease.
 REAP_TABLE: ReconcileTable = ReconcileTable(
     "reaper",
     {
-        (RunState.LIVE, Timing.IN_GRACE): Verdict.KEEP,
-        (RunState.LIVE, Timing.PAST_GRACE): Verdict.KEEP,
-        (RunState.LIVE, Timing.LEASE_EXPIRED): Verdict.REAP,
         **{(state, timing): Verdict.KEEP if timing == Timing.IN_GRACE else Verdict.REAP
-           for state in (RunState.FINISHED, RunState.CRASHED, RunState.CANCELLED, RunState.UNKNOWN)
-           for timing in Timing},
-        (RunState.UNRESOLVED, Timing.IN_GRACE): Verdict.KEEP,
-        (RunState.UNRESOLVED, Timing.PAST_GRACE): Verdict.KEEP,  # maybe alive elsewhere: wait for expiry
-        (RunState.UNRESOLVED, Timing.LEASE_EXPIRED): Verdict.REAP,
+           for state in DEAD_STATES for timing in Timing},
+        **{(state, timing): Verdict.REAP if timing == Timing.LEASE_EXPIRED else Verdict.KEEP
+           for state in (RunState.LIVE, RunState.UNKNOWN, RunState.UNRESOLVED) for timing in Timing},
     },
     classify=lambda verdict: (verdict.status.state, verdict.timing),
 )
-
-
-@dataclass(frozen=True)
-class RunStatus:
-    """What a resolver says about a run, and on what basis (shown to the researcher)."""
-
-    state: RunState
-    basis: str
-    ended_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class PrefectRun:
-    """The little the reaper needs of a Prefect flow run."""
-
-    state_type: str  # prefect StateType value: "RUNNING", "COMPLETED", "CRASHED", ...
-    state_name: str
-    ended_at: datetime | None = None
-    last_heartbeat: datetime | None = None  # the run's newest heartbeat, if it ever beat
-
-
-class PrefectUnreachable(Exception):
-    """The Prefect API could not be asked; runs are resolved from this host's records only."""
-
-
-PrefectLookup = Callable[[str], "PrefectRun | None"]
-"""Prefect's view of a run id: a :class:`PrefectRun`, None if Prefect has no such run; raises
-:class:`PrefectUnreachable` if it cannot be asked."""
-
-Resolver = Callable[[str], RunStatus]
-
-_PREFECT_STATES = {
-    "SCHEDULED": RunState.LIVE, "PENDING": RunState.LIVE, "RUNNING": RunState.LIVE,
-    "PAUSED": RunState.LIVE, "CANCELLING": RunState.LIVE,
-    "COMPLETED": RunState.FINISHED, "FAILED": RunState.FINISHED,
-    "CRASHED": RunState.CRASHED, "CANCELLED": RunState.CANCELLED,
-}
-
-
-def process_alive(proc: RunProcess, host: str | None = None) -> bool:
-    """Is ``proc`` (same host, same pid *and* start time) still running here?"""
-    if proc.host != (host or socket.gethostname()):
-        return False
-    st = proc_stat(proc.pid)
-    return st is not None and st.start == proc.pid_start and st.state not in ("Z", "X")
-
-
-class RunResolver:
-    """The resolution order of the module docstring, with one Prefect question per run at most.
-
-    After the first :class:`PrefectUnreachable` it stops asking and notes why in :attr:`notes`.
-    """
-
-    def __init__(self, processes: Iterable[RunProcess], ask_prefect: PrefectLookup | None = None,
-                 host: str | None = None) -> None:
-        self.host = host or socket.gethostname()
-        self.processes: dict[str, list[RunProcess]] = {}
-        for proc in processes:
-            self.processes.setdefault(proc.run_id, []).append(proc)
-        self.ask_prefect = ask_prefect
-        self.notes: list[str] = [] if ask_prefect else ["Prefect not asked: runs resolved from this host's records"]
-        self._cache: dict[str, RunStatus] = {}
-
-    def started_at(self, run_id: str) -> datetime | None:
-        procs = self.processes.get(run_id, [])
-        return max((p.started_at for p in procs), default=None)
-
-    def __call__(self, run_id: str) -> RunStatus:
-        if run_id not in self._cache:
-            self._cache[run_id] = self._resolve(run_id)
-        return self._cache[run_id]
-
-    def _resolve(self, run_id: str) -> RunStatus:
-        procs = self.processes.get(run_id, [])
-        for proc in procs:
-            if process_alive(proc, self.host):
-                return RunStatus(RunState.LIVE, f"process {proc.pid} on {proc.host} is running")
-        local_and_gone = bool(procs) and all(p.host == self.host for p in procs)
-        gone = f"its process {', '.join(str(p.pid) for p in procs)} on {self.host} is gone"
-        prefect = self._ask(run_id)
-        if isinstance(prefect, PrefectRun):
-            state = _PREFECT_STATES.get(prefect.state_type, RunState.UNKNOWN)
-            if state == RunState.LIVE and local_and_gone:
-                return RunStatus(RunState.CRASHED, f"Prefect says {prefect.state_name} but {gone}")
-            beat = prefect.last_heartbeat
-            if state == RunState.LIVE and beat is not None and datetime.now(UTC) - beat > STALE_AFTER:
-                return RunStatus(RunState.CRASHED, f"Prefect says {prefect.state_name} but its heartbeat "
-                                 f"stopped at {beat:%Y-%m-%d %H:%M:%S} UTC", beat)
-            return RunStatus(state, f"Prefect: {prefect.state_name}", prefect.ended_at)
-        if local_and_gone:
-            return RunStatus(RunState.CRASHED, gone)
-        if prefect == "unknown":
-            return RunStatus(RunState.UNKNOWN, "Prefect has no such run and no process here holds it")
-        return RunStatus(RunState.UNRESOLVED, "Prefect not asked and this host has no record of the run")
-
-    def _ask(self, run_id: str) -> PrefectRun | str | None:
-        if self.ask_prefect is None:
-            return None
-        try:
-            uuid.UUID(run_id)
-        except ValueError:
-            return "unknown"  # not a flow-run id: a plain-Python run Prefect cannot know
-        try:
-            found = self.ask_prefect(run_id)
-        except PrefectUnreachable as err:
-            self.notes.append(f"Prefect API not reachable ({err}): runs resolved from this host's records")
-            self.ask_prefect = None
-            return None
-        return found if found is not None else "unknown"
 
 
 @dataclass(frozen=True)
@@ -213,6 +90,7 @@ class OwnedResource:
     expires_at: datetime | None = None
     detail: str = ""
     pipeline: str = ""  # servers and volumes carry it; addresses and keys do not
+    renewal: LeaseRenewal | None = None  # the last heartbeat renewal of the lease, if any
 
 
 @dataclass
@@ -283,7 +161,8 @@ def owned_by_run(cloud: CloudProvider) -> dict[str, list[OwnedResource]]:
         o = s.ownership
         if o is not None:
             runs.setdefault(o.run_id, []).append(
-                OwnedResource(ResourceKind.SERVER, s.id, s.name, s.created_at, o.expires_at, s.flavor, o.pipeline))
+                OwnedResource(ResourceKind.SERVER, s.id, s.name, s.created_at, o.expires_at, s.flavor, o.pipeline,
+                              LeaseRenewal.from_metadata(s.metadata)))
     for f in cloud.list_floating_ips():
         if f.run_id:
             runs.setdefault(f.run_id, []).append(OwnedResource(ResourceKind.FLOATING_IP, f.id, f.address))
@@ -292,7 +171,7 @@ def owned_by_run(cloud: CloudProvider) -> dict[str, list[OwnedResource]]:
         if o is not None:
             runs.setdefault(o.run_id, []).append(
                 OwnedResource(ResourceKind.VOLUME, vol.id, vol.name, None, o.expires_at, f"{vol.size_gb} GB",
-                              o.pipeline))
+                              o.pipeline, LeaseRenewal.from_metadata(vol.metadata)))
     for k in cloud.list_keypairs():
         if k.run_id:
             runs.setdefault(k.run_id, []).append(OwnedResource(ResourceKind.KEYPAIR, k.name, k.name))
@@ -342,7 +221,10 @@ def reap(
     now = now or datetime.now(UTC)
     report = ReapReport(cloud.name, not act, grace, now)
     started = getattr(resolve, "started_at", lambda run_id: None)
-    for run_id, resources in sorted(owned_by_run(cloud).items()):
+    owned = owned_by_run(cloud)
+    if isinstance(resolve, RunResolver):
+        resolve.note_renewals(newest_renewals(owned))
+    for run_id, resources in sorted(owned.items()):
         status = resolve(run_id)
         pipeline = _pipeline_of(run_id, resources, resolve)
         report.verdicts.append(judge(cloud.name, run_id, resources, status, grace=grace, now=now,
@@ -351,9 +233,37 @@ def reap(
     if act:
         for v in report.to_reap:
             log.warning("reaping run %s on %s: %s", v.run_id, cloud.name, v.reason)
-            report.proofs[v.run_id] = teardown_run(cloud, v.run_id, ledger=ledger, on_event=on_event,
+            target = cloud if v.status.state in DEAD_STATES else _KeypairsKept(cloud)
+            if target is not cloud and any(r.kind == ResourceKind.KEYPAIR for r in v.resources):
+                report.notes.append(f"run {v.run_id}: its keypair is kept (the lease expired, but nothing "
+                                    "shows the run is dead; keypairs cost nothing)")
+            report.proofs[v.run_id] = teardown_run(target, v.run_id, ledger=ledger, on_event=on_event,
                                                    retry_policy=retry_policy)
     return report
+
+
+def newest_renewals(owned: dict[str, list[OwnedResource]]) -> dict[str, LeaseRenewal]:
+    """The newest lease renewal stamped on each run's resources (runs never renewed left out)."""
+    newest: dict[str, LeaseRenewal] = {}
+    for run_id, resources in owned.items():
+        renewals = [r.renewal for r in resources if r.renewal is not None]
+        if renewals:
+            newest[run_id] = max(renewals, key=lambda r: r.renewed_at)
+    return newest
+
+
+class _KeypairsKept:
+    """``cloud`` as a teardown of a run that is not positively dead should see it: without
+    keypairs (a keypair is reaped only with a dead run, see the module docstring)."""
+
+    def __init__(self, cloud: CloudProvider) -> None:
+        self._cloud = cloud
+
+    def __getattr__(self, name: str):
+        return getattr(self._cloud, name)
+
+    def list_keypairs(self, run_id: str | None = None) -> list[Keypair]:
+        return []
 
 
 def _pipeline_of(run_id: str, resources: list[OwnedResource], resolve) -> str:

@@ -55,7 +55,7 @@ def cloud(request) -> CloudProvider:
 
 @pytest.fixture
 def owner(request) -> Ownership:
-    return Ownership.new("contract", run_id=f"t{uuid.uuid4().hex[:12]}", lease=timedelta(hours=1))
+    return Ownership.new("contract", run_id=uuid.uuid4().hex, lease=timedelta(hours=1))
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE7x0Ff0Hnm3zQPMjLeCzLWV1dNfmSbEW9Fbg
 
 
 def _run(pipeline: str) -> Ownership:
-    return Ownership.new(pipeline, run_id=f"t{uuid.uuid4().hex[:12]}", lease=timedelta(hours=1))
+    return Ownership.new(pipeline, run_id=uuid.uuid4().hex, lease=timedelta(hours=1))
 
 
 def _small(cloud) -> tuple[str, str]:

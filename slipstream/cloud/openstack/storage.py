@@ -9,20 +9,20 @@ from slipstream.cloud.models import Keypair, Ownership, Volume, check_name
 from slipstream.cloud.openstack import convert
 from slipstream.cloud.openstack.base import OpenStackBase
 
-_KEY_PREFIX = "slipstream-"
 _RUN_KEY = "slipstream:run_id"
 
 
 class StorageOperations(OpenStackBase):
     # keypairs (ownership lives in the name: slipstream-<run id>) -------------------------------
     def _check_key_name(self, name: str) -> None:
-        if not name.startswith(_KEY_PREFIX):
+        if Keypair.run_of(name) is None:
             raise InvalidRequest(
                 f"keypair {name!r} is not a slipstream keypair",
                 resource=name,
                 cloud=self.name,
                 hint="Nova keypairs carry no tags, so slipstream's are named "
-                "`slipstream-<run id>` (Keypair.name_for_run) and it touches no others.",
+                "`slipstream-<run id>` for run ids it makes (Keypair.name_for_run) and it "
+                "touches no others.",
             )
 
     def create_keypair(self, name: str, public_key: str) -> Keypair:
@@ -36,12 +36,8 @@ class StorageOperations(OpenStackBase):
 
     def list_keypairs(self, run_id: str | None = None) -> list[Keypair]:
         found = self._read("listing keypairs", lambda: self.conn.compute.keypairs())
-        wanted = Keypair.name_for_run(run_id) if run_id else None
-        return [
-            Keypair(k.name, k.fingerprint or "", k.public_key or "")
-            for k in found
-            if k.name.startswith(_KEY_PREFIX) and (wanted is None or k.name == wanted)
-        ]
+        keys = [Keypair(k.name, k.fingerprint or "", k.public_key or "") for k in found]
+        return [k for k in keys if k.run_id is not None and (run_id is None or k.run_id == run_id)]
 
     def delete_keypair(self, name: str) -> None:
         self._check_key_name(name)

@@ -1,0 +1,136 @@
+"""The reaper deletes a run before its lease expires only on positive evidence that it is dead.
+
+Runs here are real resources on a real LocalCloud; "this host's process of the run is gone" is a
+real process that was started, recorded in the ledger, and killed. Prefect's view comes through
+the resolver's seam (``ask_prefect``), as in test_reaper.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from slipstream.cloud.local.processes import proc_stat
+from slipstream.cloud.models import LeaseRenewal, Ownership, ServerSpec
+from slipstream.ownership.ledger import Ledger, RunProcess
+from slipstream.ownership.reaper import PrefectRun, RunResolver, RunState, Timing, Verdict, reap
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE7x0Ff0Hnm3zQPMjLeCzLWV1dNfmSbEW9FbgpmPZx0X evidence-test"
+NOOP = "slipstream-noop"
+NO_GRACE = timedelta(0)
+HERE = socket.gethostname()
+
+
+@pytest.fixture
+def ledger(tmp_path, monkeypatch) -> Ledger:
+    monkeypatch.setenv("SLIPSTREAM_HOME", str(tmp_path / "slipstream"))
+    return Ledger()
+
+
+def run_with_resources(cloud, *, lease: timedelta = timedelta(hours=2), run_id: str | None = None) -> Ownership:
+    """A run holding a keypair and a server, created by no process this host's ledger knows."""
+    who = Ownership.new("elsewhere", run_id=run_id or str(uuid.uuid4()), lease=lease)
+    cloud.create_keypair(f"slipstream-{who.run_id}", KEY)
+    cloud.create_servers(ServerSpec("held", "m3.tiny", NOOP), who)
+    return who
+
+
+def gone_process_here(ledger: Ledger, run_id: str) -> None:
+    """Record a real process of this host as the run's holder, then end it."""
+    proc = subprocess.Popen(["sleep", "60"])
+    start = proc_stat(proc.pid).start
+    proc.kill()
+    proc.wait(timeout=10)
+    ledger.record_run_process(RunProcess(run_id, "elsewhere", "local", HERE, proc.pid, start, datetime.now(UTC)))
+
+
+def kinds_left(cloud, run_id: str) -> list[str]:
+    return sorted([*(["server"] * len(cloud.list_servers(run_id))), *(["keypair"] * len(cloud.list_keypairs(run_id)))])
+
+
+def test_a_live_run_on_a_teammates_prefect_waits_for_its_lease(local_cloud, ledger):
+    """Our Prefect has no such run (it lives on a teammate's server, or a temporary one): that is
+    not evidence of death. It is kept until its lease expires; then its server goes, its key stays."""
+    theirs = run_with_resources(local_cloud)
+    resolver = RunResolver(ledger.run_processes(), ask_prefect=lambda run_id: None)
+    report = reap(local_cloud, resolver, grace=NO_GRACE, act=True, ledger=ledger)
+    (verdict,) = report.verdicts
+    assert verdict.status.state == RunState.UNKNOWN and verdict.verdict == Verdict.KEEP
+    assert report.proofs == {} and kinds_left(local_cloud, theirs.run_id) == ["keypair", "server"]
+
+    after_lease = theirs.expires_at + timedelta(minutes=1)
+    expired = reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=lambda run_id: None),
+                   grace=NO_GRACE, act=True, ledger=ledger, now=after_lease)
+    assert expired.verdicts[0].timing == Timing.LEASE_EXPIRED and expired.proofs[theirs.run_id].clean
+    assert kinds_left(local_cloud, theirs.run_id) == ["keypair"]  # only a dead run's keypair is reaped
+    assert any("keypair is kept" in note for note in expired.notes)
+    local_cloud.delete_keypair(f"slipstream-{theirs.run_id}")
+
+
+@pytest.mark.parametrize("run_id", ["0f" * 16, None])
+def test_a_plain_python_run_on_another_host_is_not_reaped_without_prefect(local_cloud, ledger, run_id):
+    theirs = run_with_resources(local_cloud, run_id=run_id)
+    for ask in (None, lambda r: None):  # Prefect not configured, or configured and ignorant of it
+        report = reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=ask), grace=NO_GRACE,
+                      act=True, ledger=ledger)
+        assert [v.verdict for v in report.verdicts] == [Verdict.KEEP], report.rows()
+    assert kinds_left(local_cloud, theirs.run_id) == ["keypair", "server"]
+    reap(local_cloud, RunResolver([]), grace=NO_GRACE, act=True, ledger=ledger,
+         now=theirs.expires_at + timedelta(seconds=1))
+    local_cloud.delete_keypair(f"slipstream-{theirs.run_id}")
+
+
+def test_a_retry_on_another_host_with_a_fresh_heartbeat_is_live_though_its_process_here_is_gone(local_cloud, ledger):
+    run = run_with_resources(local_cloud)
+    gone_process_here(ledger, run.run_id)
+    now = datetime.now(UTC)
+    retried = PrefectRun("RUNNING", "Running", last_heartbeat=now - timedelta(seconds=20),
+                         heartbeat_host="worker-b")
+    report = reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=lambda r: retried),
+                  grace=NO_GRACE, act=True, ledger=ledger)
+    (verdict,) = report.verdicts
+    assert verdict.status.state == RunState.LIVE and "heartbeat from worker-b" in verdict.status.basis
+    assert verdict.verdict == Verdict.KEEP and kinds_left(local_cloud, run.run_id) == ["keypair", "server"]
+
+    # The same fresh beat sent by this host's (now dead) process explains nothing: crashed.
+    mine = PrefectRun("RUNNING", "Running", last_heartbeat=now - timedelta(seconds=20), heartbeat_host=HERE)
+    report = reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=lambda r: mine),
+                  grace=NO_GRACE, act=True, ledger=ledger)
+    assert report.verdicts[0].status.state == RunState.CRASHED and report.proofs[run.run_id].clean
+    assert kinds_left(local_cloud, run.run_id) == []
+
+
+def test_a_lease_renewed_from_another_host_outweighs_this_hosts_dead_process(local_cloud, ledger):
+    run = run_with_resources(local_cloud)
+    gone_process_here(ledger, run.run_id)
+    resolver = RunResolver(ledger.run_processes())
+    assert resolver(run.run_id).state == RunState.CRASHED  # this host's record alone: its process died
+
+    now = datetime.now(UTC)
+    local_cloud.renew_lease(run.run_id, LeaseRenewal(now + timedelta(hours=3), now, "worker-b"),
+                            due_before=now + timedelta(hours=3))
+    report = reap(local_cloud, RunResolver(ledger.run_processes()), grace=NO_GRACE, act=True, ledger=ledger)
+    (verdict,) = report.verdicts
+    assert verdict.status.state == RunState.UNRESOLVED and "renewed by worker-b" in verdict.status.basis
+    assert verdict.verdict == Verdict.KEEP and kinds_left(local_cloud, run.run_id) == ["keypair", "server"]
+
+    # A renewal by this very host does not count as "held elsewhere".
+    local_cloud.renew_lease(run.run_id, LeaseRenewal(now + timedelta(hours=4), now, HERE),
+                            due_before=now + timedelta(hours=4))
+    report = reap(local_cloud, RunResolver(ledger.run_processes()), grace=NO_GRACE, act=True, ledger=ledger)
+    assert report.verdicts[0].status.state == RunState.CRASHED and report.proofs[run.run_id].clean
+
+
+def test_a_users_own_slipstream_named_keypair_is_never_owned_or_reaped(local_cloud, ledger):
+    for name in ("slipstream-laptop", "slipstream-0f0f", "slipstream-" + "A" * 32, "slipstream-" + "0" * 32 + "x"):
+        local_cloud.create_keypair(name, KEY)
+    assert local_cloud.list_keypairs() == []
+    report = reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=lambda r: None),
+                  grace=NO_GRACE, act=True, ledger=ledger, now=datetime.now(UTC) + timedelta(days=30))
+    assert report.verdicts == []
+    for name in ("slipstream-laptop", "slipstream-0f0f", "slipstream-" + "A" * 32, "slipstream-" + "0" * 32 + "x"):
+        local_cloud.delete_keypair(name)  # still there: deleting succeeds
