@@ -33,7 +33,7 @@ from slipstream.blocks import load_cloud
 from slipstream import jetstream2, progress, ssh
 from slipstream.cost.accounting import MeteredServer, PlannedServers
 from slipstream.cloud.models import Ownership
-from slipstream.ownership.lease import HeldResource, Lease, lease_for_walltime
+from slipstream.ownership.lease import FIRST_LEASE, HeldResource, Lease
 from slipstream.vmjob import REMOTE_JOB_DIR, plan_vm_job
 from slipstream.tasks.budget import guard_budget, watching_budget
 from slipstream.tasks.events import resource_event_emitter
@@ -93,7 +93,7 @@ def vm_job(
         image: Image name; Jetstream2's Featured images come with SSH and Python.
         name: Server name (a DNS label: lower-case letters, digits, '-').
         cloud: "local" for the embedded cloud, or a saved cloud block ("<block-type>/<name>").
-        max_hours: Longest plausible walltime; sets the lease expiry and the SU worst case.
+        max_hours: Longest plausible walltime; sets the command timeout and the SU worst case.
         results_dir: Local directory for the outputs.
         boot_timeout_seconds: How long to wait for the VM to be ACTIVE and reachable.
         pipeline: Pipeline name stamped on every resource (used by `slipstream ls` and the reaper).
@@ -113,7 +113,7 @@ def vm_job(
                                               budget_su, allocation, override_budget)
 
     owner = Ownership.new(pipeline, run_id=str(flow_run.get_id() or "") or None,
-                          lease=lease_for_walltime(max_hours))
+                          lease=FIRST_LEASE)  # renewed by its heartbeat
     keypair = ssh.generate_keypair(comment=f"slipstream-{owner.run_id}")
     lease = Lease(provider, owner, on_event=resource_event_emitter(owner, provider.name))
     lease.ledger.record_worst_case(owner.run_id, pipeline, provider.name, plan.worst_case_su)

@@ -13,6 +13,9 @@ Rules every implementation keeps:
   in one API call; nothing slipstream did not create is ever listed, changed or deleted.
 - ``delete_*`` calls raise :class:`NotFound` for a resource that is already gone, so callers
   can treat deletion as idempotent.
+- ``renew_lease`` never shortens a lease, and costs as few requests as the cloud allows: one
+  per resource kind where it can update many resources at once (LocalCloud), else one listing per
+  kind plus one request per resource that is due (Nova server and Cinder volume metadata).
 - ``api_calls`` counts requests sent to the cloud (benchmarks compare strategies with it).
 """
 
@@ -26,6 +29,7 @@ from slipstream.cloud.models import (
     FloatingIP,
     Image,
     Keypair,
+    LeaseRenewal,
     Ownership,
     Server,
     ServerSpec,
@@ -92,3 +96,11 @@ class CloudProvider(Protocol):
     def list_volumes(self, run_id: str | None = None) -> list[Volume]: ...
 
     def delete_volume(self, volume_id: str) -> None: ...
+
+    # leases ----------------------------------------------------------------
+    def renew_lease(self, run_id: str, renewal: LeaseRenewal, *, due_before: datetime) -> int:
+        """Stamp ``renewal`` (a later ``expires_at``, when, by which host) on every server and
+        volume of ``run_id`` whose lease ends before ``due_before``; returns how many it renewed.
+        Raises InvalidRequest if ``due_before`` is after ``renewal.expires_at`` (that would
+        shorten leases)."""
+        ...

@@ -22,24 +22,38 @@ Guarantees:
 
 Creating is idempotent within a run: asking again for servers whose names the run already has
 (a retried task, a re-run of the same flow run) adopts them instead of booting duplicates.
+
+A run that beats (``slipstream.tasks.heartbeat``) calls :meth:`Lease.renew` on every beat: the
+lease on its servers and volumes is pushed to :data:`LEASE_AFTER_BEAT` after the beat once less
+than half of that remains, so a reaper anywhere sees the run as held without asking any Prefect
+server, and a run that dies silently frees its resources soon after its last beat.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from slipstream.cloud.errors import CloudError, NotFound, TransientError, WaitTimeout
-from slipstream.cloud.models import FloatingIP, Keypair, Ownership, Server, ServerSpec, Volume
+from slipstream.cloud.models import FloatingIP, Keypair, LeaseRenewal, Ownership, Server, ServerSpec, Volume
 from slipstream.cloud.port import CloudProvider
-from slipstream.ownership.ledger import Ledger, this_process
+from slipstream.ownership.ledger import LeaseRenewalRecord, Ledger, this_process
 from slipstream.retry import DEFAULT_RETRY, RetryPolicy, retry
 
 log = logging.getLogger("slipstream.ownership.lease")
+
+#: How long a beating run's servers and volumes outlive its last lease renewal. Renewed when less
+#: than half remains, so with one beat a minute about 15 beats may fail before the lease runs out.
+LEASE_AFTER_BEAT = timedelta(minutes=30)
+#: The lease a beating run's resources get when they are created: its beats renew it from then
+#: on, but a slow first boot or a cloud refusing renewals for a while must not cost the run.
+FIRST_LEASE = timedelta(hours=1)
 
 
 class ResourceKind(StrEnum):
@@ -153,10 +167,33 @@ class Lease:
         (vol,) = self._create(ResourceKind.VOLUME, [name], lambda: [self.cloud.create_volume(name, size_gb, self.owner)])
         return vol
 
-    def _create(self, kind: ResourceKind, names: list[str], call: Callable[[], list]) -> list:
+    def _note_process(self) -> None:
         if not self._process_noted:  # so the reaper knows this run is alive while this process is
             self.ledger.record_run_process(this_process(self.owner.run_id, self.owner.pipeline, self.cloud.name))
             self._process_noted = True
+
+    # renewing -------------------------------------------------------------------------------
+    def renew(self, after: timedelta = LEASE_AFTER_BEAT, *, now: datetime | None = None) -> int:
+        """Extend the lease of the run's servers and volumes to ``after`` from now, where less
+        than half of ``after`` remains (never shortening one); returns how many were renewed.
+
+        Called on every heartbeat. Resources created later get the renewed expiry too. Each
+        renewal that changed something is noted in the ledger."""
+        self._note_process()  # a process that adopted its run's resources holds them too
+        now = now or datetime.now(UTC)
+        renewal = LeaseRenewal(now + after, now, socket.gethostname())
+        renewed = self.cloud.renew_lease(self.owner.run_id, renewal, due_before=now + after / 2)
+        if renewal.expires_at > self.owner.expires_at:
+            self.owner = replace(self.owner, expires_at=renewal.expires_at)
+        if renewed:
+            self.ledger.record_renewal(LeaseRenewalRecord(self.owner.run_id, self.cloud.name, renewal.renewed_by,
+                                                          os.getpid(), now, renewal.expires_at, renewed))
+            log.info("run %s: lease of %d resource(s) renewed until %s UTC", self.owner.run_id, renewed,
+                     f"{renewal.expires_at:%H:%M:%S}")
+        return renewed
+
+    def _create(self, kind: ResourceKind, names: list[str], call: Callable[[], list]) -> list:
+        self._note_process()
         entry_ids = self.ledger.record_pending(self.owner.run_id, self.owner.pipeline, self.cloud.name, kind, names)
         try:
             made = call()
@@ -272,9 +309,10 @@ class Lease:
 
 
 def lease_for_walltime(max_hours: float) -> timedelta:
-    """How long a run's resources may live (its Ownership lease) when its work may take up to
-    ``max_hours``: half as long again, plus half an hour to boot and tear down. After that the
-    reaper deletes them even if the run still looks alive."""
+    """How long the resources of a run that does *not* beat may live (its Ownership lease) when
+    its work may take up to ``max_hours``: half as long again, plus half an hour to boot and tear
+    down. After that the reaper deletes them even if the run still looks alive. A run that beats
+    uses :data:`FIRST_LEASE` and renews it."""
     return timedelta(hours=max_hours * 1.5 + 0.5)
 
 

@@ -64,6 +64,18 @@ CREATE TABLE IF NOT EXISTS run_processes (
     started_at  TEXT NOT NULL,
     PRIMARY KEY (run_id, host, pid, pid_start)
 );
+-- Every heartbeat renewal of a run's lease that changed something: how long the run's resources
+-- were promised to live, and how many were stamped.
+CREATE TABLE IF NOT EXISTS lease_renewals (
+    run_id      TEXT NOT NULL,
+    cloud       TEXT NOT NULL,
+    host        TEXT NOT NULL,
+    pid         INTEGER NOT NULL,
+    renewed_at  TEXT NOT NULL,
+    expires_at  TEXT NOT NULL,
+    resources   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS lease_renewals_run ON lease_renewals (run_id);
 """
 
 
@@ -93,6 +105,19 @@ class RunProcess:
     pid: int
     pid_start: int
     started_at: datetime
+
+
+@dataclass(frozen=True)
+class LeaseRenewalRecord:
+    """One renewal of a run's lease on one cloud, as the ledger keeps it."""
+
+    run_id: str
+    cloud: str
+    host: str
+    pid: int
+    renewed_at: datetime
+    expires_at: datetime
+    resources: int
 
 
 def this_process(run_id: str, pipeline: str, cloud: str) -> RunProcess:
@@ -237,3 +262,23 @@ class Ledger:
         with self._lock, self._connect() as db:
             rows = db.execute(sql + " ORDER BY started_at", args).fetchall()
         return [RunProcess(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), datetime.fromisoformat(r[6])) for r in rows]
+
+    # lease renewals ------------------------------------------------------------------------
+    def record_renewal(self, record: LeaseRenewalRecord) -> None:
+        """Note that ``record.resources`` resources of a run had their lease renewed."""
+        with self._lock, self._connect() as db:
+            db.execute(
+                "INSERT INTO lease_renewals (run_id, cloud, host, pid, renewed_at, expires_at, resources)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record.run_id, record.cloud, record.host, record.pid,
+                 record.renewed_at.isoformat(timespec="milliseconds"),
+                 record.expires_at.isoformat(timespec="milliseconds"), record.resources),
+            )
+
+    def renewals(self, run_id: str) -> list[LeaseRenewalRecord]:
+        """The renewals of ``run_id``'s lease, oldest first."""
+        with self._lock, self._connect() as db:
+            rows = db.execute("SELECT run_id, cloud, host, pid, renewed_at, expires_at, resources"
+                              " FROM lease_renewals WHERE run_id=? ORDER BY renewed_at", (run_id,)).fetchall()
+        return [LeaseRenewalRecord(r[0], r[1], r[2], int(r[3]), datetime.fromisoformat(r[4]),
+                                   datetime.fromisoformat(r[5]), int(r[6])) for r in rows]

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from slipstream.cloud.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
-from slipstream.cloud.models import OWNER_TAG, Keypair, ServerSpec, ServerStatus
+from slipstream.cloud.models import OWNER_TAG, Keypair, LeaseRenewal, ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
 from slipstream.ownership.lease import Lease
 from slipstream.slurm.power import NodeBatch
@@ -177,7 +178,7 @@ def test_missing_resources_are_not_found(cloud):
         with pytest.raises(NotFound):
             call(ghost)
     with pytest.raises(NotFound):
-        cloud.delete_keypair(Keypair.name_for_run(f"t{uuid.uuid4().hex[:12]}"))
+        cloud.delete_keypair(Keypair.name_for_run(uuid.uuid4().hex))
 
 
 # keypairs, floating IPs, volumes -------------------------------------------------------------
@@ -219,6 +220,30 @@ def test_volume_carries_ownership_metadata(cloud, lease, owner):
 
 
 # the lease -------------------------------------------------------------------------------------
+def test_a_lease_renewal_extends_due_servers_and_volumes_and_never_shortens(cloud, lease, owner, spec):
+    (server,) = lease.create_servers(spec("renewed"))
+    wait(cloud, owner, [server])  # Nova takes metadata updates once a server has booted
+    vol = lease.create_volume("renewed", 1)
+    deadline = time.monotonic() + 120
+    while cloud.list_volumes(run_id=owner.run_id)[0].status != "available":
+        assert time.monotonic() < deadline, "the volume did not become available within 120 s"
+        time.sleep(0.5)
+    now = datetime.now(UTC).replace(microsecond=0)
+    renewal = LeaseRenewal(now + timedelta(hours=3), now, "contract-host")
+    assert cloud.renew_lease(owner.run_id, renewal, due_before=renewal.expires_at) == 2
+    (listed,) = cloud.list_servers(run_id=owner.run_id)
+    (volume,) = cloud.list_volumes(run_id=owner.run_id)
+    for held in (listed, volume):
+        assert held.ownership.expires_at == renewal.expires_at and held.ownership.run_id == owner.run_id
+        assert LeaseRenewal.from_metadata(held.metadata) == renewal
+    assert volume.id == vol.id
+    # Due only before the old expiry: nothing is, and nothing changes. Shortening is refused.
+    assert cloud.renew_lease(owner.run_id, renewal, due_before=owner.expires_at) == 0
+    with pytest.raises(InvalidRequest, match="would shorten"):
+        cloud.renew_lease(owner.run_id, renewal, due_before=renewal.expires_at + timedelta(seconds=1))
+    assert cloud.list_servers(run_id=owner.run_id)[0].ownership.expires_at == renewal.expires_at
+
+
 def test_teardown_after_a_failure_leaves_nothing(cloud, owner, ledger, spec):
     lease = Lease(cloud, owner, ledger=ledger, delete_timeout=120)
     with pytest.raises(RuntimeError, match="the work failed"), lease:

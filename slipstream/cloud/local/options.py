@@ -38,6 +38,7 @@ OPERATIONS: tuple[str, ...] = (
     "create_keypair", "list_keypairs", "delete_keypair",
     "create_floating_ip", "attach_floating_ip", "list_floating_ips", "delete_floating_ip",
     "create_volume", "list_volumes", "delete_volume",
+    "renew_lease",
 )
 
 _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")

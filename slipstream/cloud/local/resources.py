@@ -6,6 +6,8 @@
   VM reachable on it (the guest forwards every port it listens on, like 1:1 NAT). Deleting a
   server leaves its floating IP allocated and unattached, as Neutron does.
 - Volumes: records only (size, metadata, available/in-use), counted against the volume quota.
+- Leases: :meth:`renew_lease` updates every due server and volume of a run in one transaction
+  (the one request per beat a cloud with batch updates would need).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from slipstream.cloud.errors import Conflict, InvalidRequest, NotFound, QuotaExc
 from slipstream.cloud.local import addresses, vms
 from slipstream.cloud.local.base import LocalCloudBase, api
 from slipstream.cloud.local.store import dumps, utc_iso
-from slipstream.cloud.models import FloatingIP, Keypair, Ownership, ServerStatus, Volume
+from slipstream.cloud.models import FloatingIP, Keypair, LeaseRenewal, Ownership, ServerStatus, Volume
 
 _KEYPAIR_NAME = re.compile(r"^[A-Za-z0-9_. -]{1,255}$")  # Nova: letters, digits, '_', '-', '.', ' '
 _KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
@@ -190,3 +192,21 @@ class ResourceOps(LocalCloudBase):
         if row is None:
             raise NotFound("volume not found", resource=str(volume_id), cloud=self.name)
         return row
+
+    # leases ---------------------------------------------------------------------------------
+    @api("renew_lease")
+    def renew_lease(self, run_id: str, renewal: LeaseRenewal, *, due_before) -> int:
+        renewal.check_extends(due_before)
+        stamp, renewed = renewal.metadata(), 0
+        with self._store.write() as con:
+            for table, live in (("servers", "status != 'DELETED'"), ("volumes", "1")):
+                for row in con.execute(f"SELECT id, metadata FROM {table} WHERE run_id = ? AND {live}",
+                                       (run_id,)).fetchall():
+                    metadata = json.loads(row["metadata"])
+                    owner = Ownership.from_metadata(metadata)
+                    if owner is None or owner.run_id != run_id or owner.expires_at >= due_before:
+                        continue
+                    con.execute(f"UPDATE {table} SET metadata = ? WHERE id = ?",
+                                (dumps({**metadata, **stamp}), row["id"]))
+                    renewed += 1
+        return renewed

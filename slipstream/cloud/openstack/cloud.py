@@ -7,12 +7,13 @@ from typing import Any
 from keystoneauth1 import exceptions as ks_exc
 
 from slipstream.cloud.errors import CloudError, NotFound
+from slipstream.cloud.openstack.leases import LeaseOperations
 from slipstream.cloud.openstack.network import NetworkOperations
 from slipstream.cloud.openstack.servers import ServerOperations
 from slipstream.cloud.openstack.storage import StorageOperations
 
 
-class OpenStackCloud(ServerOperations, NetworkOperations, StorageOperations):
+class OpenStackCloud(ServerOperations, NetworkOperations, StorageOperations, LeaseOperations):
     """A project on an OpenStack cloud (Jetstream2 first) behind the :class:`CloudProvider` port.
 
     Build one with :func:`slipstream.cloud.openstack.connect`, or from an existing
