@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from slipstream.cloud.local import LocalCloud
@@ -203,3 +204,67 @@ def test_status_reports_vms_quota_and_processes(local_cloud):
     assert status.quota["instances"] == (2, 10) and status.quota["cores"] == (4, 150)
     text = status.render()
     assert "st-1" in text and servers[0].address in text and "general-1" in text
+
+
+def _pids_with(entry: str) -> set[int]:
+    """Running processes whose environment has ``entry`` (``NAME=value``)."""
+    found = set()
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            if entry.encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") and running(pid):
+                found.add(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_a_delete_that_dies_halfway_leaves_the_server_listed_and_a_second_delete_ends_it(local_cloud):
+    who = owner()
+    stubborn = "#!/bin/sh\ntrap '' TERM\necho ready\nexec sleep 300\n"  # ignores SIGTERM
+    (server,) = local_cloud.create_servers(ServerSpec("stubborn", "m3.tiny", NOOP, user_data=stubborn), who)
+    wait_until(lambda: "ready" in local_cloud.console_log(server.id), what="user_data")
+    guest = guests(local_cloud)["stubborn"]
+    user_data = _pids_with(f"SLIPSTREAM_SERVER_ID={server.id}") - {guest}
+    assert user_data
+    LocalCloud(options=replace(local_cloud.options, stop_grace=60.0))  # the deleter waits a long time
+    deleter = python(f"""
+        from slipstream.cloud.local import LocalCloud
+        LocalCloud().delete_server({server.id!r})
+    """, local_cloud.home, start_new_session=True)
+    try:
+        wait_until(lambda: not running(guest), timeout=30, what="the guest ended by the delete")
+    finally:
+        os.killpg(deleter.pid, signal.SIGKILL)  # the deleting process dies in its grace period
+        deleter.communicate(timeout=10)
+    assert all(running(pid) for pid in user_data)  # SIGTERM was ignored: the VM's work still runs
+    (listed,) = local_cloud.list_servers(who.run_id)  # ... and the server is not hidden
+    assert listed.id == server.id
+    LocalCloud(options=replace(local_cloud.options, stop_grace=0.5))
+    local_cloud.delete_server(server.id)  # a second delete finishes the job
+    assert local_cloud.list_servers(who.run_id) == []
+    wait_until(lambda: not any(running(pid) for pid in user_data), what="the user_data ended")
+    (history,) = local_cloud.server_history(who.run_id)
+    assert [s for s, _ in history.log][-1] == S.DELETED
+
+
+def test_a_daemon_that_double_forked_with_a_clean_environment_is_ended_by_reset_and_delete(local_cloud):
+    who = owner()
+    escapees = {}
+    for name in ("reset-me", "delete-me"):
+        tag = f"SLIPSTREAM_TEST_ESCAPEE={uuid.uuid4().hex}"
+        # The subshell exits at once, orphaning a sleep that carries none of the VM's markers.
+        user_data = f"#!/bin/sh\n(setsid env -i {tag} sleep 300 > /dev/null 2>&1 < /dev/null &)\necho started\n"
+        (server,) = local_cloud.create_servers(ServerSpec(name, "m3.tiny", NOOP, user_data=user_data), who)
+        escapees[name] = (server.id, tag)
+    try:
+        for server_id, tag in escapees.values():
+            wait_until(lambda server_id=server_id: "started" in local_cloud.console_log(server_id), what="user_data")
+            wait_until(lambda tag=tag: _pids_with(tag), what="the daemon")
+        local_cloud.delete_server(escapees["delete-me"][0])
+        assert _pids_with(escapees["delete-me"][1]) == set()
+        local_cloud.reset()
+        assert _pids_with(escapees["reset-me"][1]) == set()
+    finally:  # on failure, do not leave a stray sleep behind
+        for _, tag in escapees.values():
+            for pid in _pids_with(tag):
+                os.kill(pid, signal.SIGKILL)

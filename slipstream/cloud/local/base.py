@@ -32,6 +32,8 @@ from slipstream.cloud.models import Flavor, Server, ServerStatus
 F = TypeVar("F", bound=Callable[..., Any])
 
 S = ServerStatus
+#: SQL: a server neither deleted nor being deleted (``delete_server`` marks ``pending`` first).
+_NOT_DELETING = "status != 'DELETED' AND pending IS NOT 'DELETED'"
 
 
 def api(operation: str) -> Callable[[F], F]:
@@ -237,7 +239,7 @@ class LocalCloudBase:
                     failed = con.execute(
                         "UPDATE servers SET status = 'ERROR', pending = NULL, ready_at = NULL, "
                         "host = NULL, gpu_slot = NULL, fault = ? WHERE id = ? AND boot = ? "
-                        "AND status != 'DELETED'", (f"The VM could not start: {err}", sid, boot))
+                        f"AND {_NOT_DELETING}", (f"The VM could not start: {err}", sid, boot))
                     if failed.rowcount:
                         log_status(con, sid, S.ERROR)
             return
@@ -246,8 +248,8 @@ class LocalCloudBase:
             for (sid, boot), guest in zip(boots, guests, strict=True):
                 updated = con.execute(
                     "UPDATE servers SET pid = ?, pgid = ?, pid_start = ? WHERE id = ? AND boot = ? "
-                    "AND status != 'DELETED' AND pid IS NULL", (guest.pid, guest.pgid, guest.start, sid, boot))
-                if updated.rowcount == 0:  # deleted while we were starting it
+                    f"AND {_NOT_DELETING} AND pid IS NULL", (guest.pid, guest.pgid, guest.start, sid, boot))
+                if updated.rowcount == 0:  # deleted (or being deleted) while we were starting it
                     orphans.append(VmProcesses(guest, vm_marker(sid, boot), str(vms.vm_dir(self.home, sid))))
         if orphans:
             end_vms(orphans, self.options.stop_grace)

@@ -15,6 +15,10 @@ part of the VM's operating system and cloud-init:
    VM's address from the floating IP too, like Neutron's 1:1 NAT;
 5. exits on SIGTERM, or by itself when its VM directory disappears.
 
+It is a child subreaper: a daemon that double-forks out of its parent (and maybe clears its
+environment) is re-parented to the guest, so deleting or resetting the VM still finds and ends
+it (:mod:`slipstream.cloud.local.processes`); such orphans are waited for when they exit.
+
 It only ever binds the VM's own 127.x addresses.
 """
 
@@ -30,10 +34,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from slipstream.cloud.local.addresses import listens, tcp_listeners
-from slipstream.cloud.local.processes import HOME_MARKER, VM_MARKER
+from slipstream.cloud.local.processes import HOME_MARKER, VM_MARKER, become_subreaper, reap_adopted
 from slipstream.cloud.local.userdata import run_per_boot_scripts, run_user_data
 
 POLL = 0.5  # seconds between looks at meta.json and the listening ports
+REAP_EVERY = 5.0  # seconds between waits for adopted orphans that exited
 CLOUD_INIT = "Cloud-init v. 24.4 (slipstream-local)"
 
 
@@ -227,8 +232,12 @@ class Guest:
         """Follow meta.json (floating IP changes) and end the VM when its directory is gone."""
         forwarder = FloatingForwarder(self.meta["address"])
         stamp = None
+        zombies: set[int] = set()
+        next_reap = time.monotonic() + REAP_EVERY
         try:
             while not self.stopping.is_set():
+                if time.monotonic() >= next_reap:
+                    zombies, next_reap = reap_adopted(zombies), time.monotonic() + REAP_EVERY
                 try:
                     st = self.meta_path.stat()
                     if (st.st_ino, st.st_mtime_ns, st.st_size) != stamp:  # rewritten by os.replace
@@ -251,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         sys.exit("usage: python -m slipstream.cloud.local.guest <vm_dir>")
+    if not become_subreaper():
+        say("cannot become a child subreaper: a daemon that double-forks may outlive this VM")
     asyncio.run(Guest(Path(args[0])).run())
 
 

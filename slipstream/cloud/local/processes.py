@@ -14,12 +14,17 @@ Ending a VM must never hit an unrelated process that happens to reuse a recorded
 - processes that left the group (sshd sessions call setsid, and so may user daemons) are found
   by the marker variable every VM process inherits (``SLIPSTREAM_LOCALCLOUD_VM=<id>/<boot>``)
   and as descendants of processes already found (a child belongs to its running parent);
+- a process that also left the tree (a daemon's double fork) and cleared its environment
+  (``env -i``) carries nothing of the VM: so the guest is a *child subreaper*
+  (:func:`become_subreaper`), and such an orphan is re-parented to the guest instead of init,
+  which keeps it among the guest's descendants for as long as the guest runs;
 - each process is signalled through a pidfd opened *before* its identity is checked, so the
   signal reaches exactly the process that was checked.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -234,6 +239,31 @@ def end_vms(vms: Iterable[VmProcesses], grace: float, *, home: str | None = None
         _signal(left, signal.SIGKILL)
         time.sleep(0.02)
     return signalled
+
+
+_PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants of this process its children instead of init's (Linux >= 3.4);
+    returns False where the kernel refuses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def reap_adopted(seen_before: set[int]) -> set[int]:
+    """Wait for this process's children that are zombies now *and* were already at the last call
+    (``seen_before``): orphans it adopted as a subreaper, which nobody else waits for. A child
+    the event loop started is waited for by its own watcher at once, so it is never a zombie
+    twice in a row. Returns the zombies seen now, for the next call."""
+    me = os.getpid()
+    zombies = {pid for pid, st in process_table().items() if st.ppid == me and st.state == "Z"}
+    for pid in zombies & seen_before:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass  # waited for meanwhile
+    return zombies - seen_before
 
 
 def launch_guests(vms: list[dict], python: str | None = None, timeout: float = 60.0) -> list[GuestProcess]:

@@ -10,7 +10,8 @@ stop_server         ACTIVE                      SHUTOFF (processes ended, disk a
 start_server        SHUTOFF                     ACTIVE after the boot delay
 shelve_server       ACTIVE, SHUTOFF             SHELVED_OFFLOADED (processes ended, host released)
 unshelve_server     SHELVED_OFFLOADED           ACTIVE after the boot delay (CapacityError if no host)
-delete_server       any                         DELETED (processes ended, address freed, dir removed)
+delete_server       any                         (-> DELETED, still listed) processes ended, then DELETED
+                                                (address freed, dir removed)
 ==================  ==========================  ===================================================
 
 A batch is all or nothing: quotas are checked for the whole batch before anything is created,
@@ -255,17 +256,25 @@ class ServerOps(LocalCloudBase):
 
     @api("delete_server")
     def delete_server(self, server_id: str) -> None:
-        now = time.time()
+        # In three steps, as Nova's task_state "deleting": marked (still listed, its processes
+        # still findable), its processes ended, then DELETED. A crash between the steps leaves a
+        # listed server that a second delete finishes, never a hidden one with live processes.
         with self._changing() as con:
-            row = self._row(con, server_id)
-            con.execute("UPDATE servers SET status = 'DELETED', pending = NULL, ready_at = NULL, host = NULL, "
-                        "gpu_slot = NULL, deleted_at = ? WHERE id = ?", (utc_iso(now), row["id"]))
-            # Neutron keeps the floating IP (unattached); Nova detaches the volumes.
-            con.execute("UPDATE floating_ips SET server_id = NULL WHERE server_id = ?", (row["id"],))
-            con.execute("UPDATE volumes SET attached_to = NULL, status = 'available' WHERE attached_to = ?",
-                        (row["id"],))
-            log_status(con, row["id"], S.DELETED, now)
+            self._row(con, server_id)
+            con.execute("UPDATE servers SET pending = 'DELETED', ready_at = NULL WHERE id = ?", (str(server_id),))
+            row = self._row(con, server_id)  # as marked: a guest recorded before now is in it
         self._end(row)
+        now = time.time()
+        with self._store.write() as con:
+            done = con.execute("UPDATE servers SET status = 'DELETED', pending = NULL, ready_at = NULL, host = NULL, "
+                               "gpu_slot = NULL, deleted_at = ? WHERE id = ? AND status != 'DELETED'",
+                               (utc_iso(now), row["id"]))
+            if done.rowcount:  # (else a concurrent delete finished first)
+                # Neutron keeps the floating IP (unattached); Nova detaches the volumes.
+                con.execute("UPDATE floating_ips SET server_id = NULL WHERE server_id = ?", (row["id"],))
+                con.execute("UPDATE volumes SET attached_to = NULL, status = 'available' WHERE attached_to = ?",
+                            (row["id"],))
+                log_status(con, row["id"], S.DELETED, now)
         vms.remove(vms.vm_dir(self.home, row["id"]))
 
     def _power_off(self, con, row, status: ServerStatus, *, release_host: bool) -> None:
