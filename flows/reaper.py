@@ -3,9 +3,9 @@
 A run's own Lease and its crash/cancel hooks clean up almost everything; the reaper is the net
 under them. It lists what slipstream owns on every configured cloud (the embedded "local" cloud
 and each saved OpenStack credentials block, or the ``clouds`` given), asks Prefect for the state
-of each owning run, and deletes the resources of runs that are finished, crashed, cancelled or
-unknown to everyone once ``grace_minutes`` have passed — and of any run whose lease has expired.
-A live run is never touched. Each leaked resource is a ``slipstream.resource.leaked`` event, so
+of each owning run, and deletes the resources of runs that are positively dead (finished, crashed,
+cancelled) once ``grace_minutes`` have passed — and of any run whose lease has expired. A live run,
+or one nothing here knows (it may be alive on a teammate's Prefect), waits for its lease. Each leaked resource is a ``slipstream.resource.leaked`` event, so
 an automation can tell someone; a table artifact shows what was found and what was deleted.
 
 Scheduled by the ``reaper`` deployment in ``prefect.yaml``; from Python::

@@ -1,9 +1,9 @@
 """``slipstream reap [--yes] [--grace 15m] [--cloud REF ...]``: delete what dead runs left behind.
 
 Lists everything slipstream owns on every configured cloud — "local", each saved OpenStack
-credentials block, and any ``--cloud`` — and decides per run: a live run is left alone, a
-finished, crashed, cancelled or unknown run is reaped once the grace period has passed since its
-last sign of life, and any run whose lease has expired is reaped. Without ``--yes`` nothing is
+credentials block, and any ``--cloud`` — and decides per run: a finished, crashed or cancelled
+run is reaped once the grace period has passed since its last sign of life; a live run, and one
+nothing here knows, is reaped only when its lease has expired. Without ``--yes`` nothing is
 deleted: the table says what would be and why. With ``--yes`` it deletes and prints each run's
 teardown proof. Runs are resolved through the Prefect API when ``PREFECT_API_URL`` answers, and
 from this host's ledger (which process holds which run) in any case.
