@@ -207,6 +207,8 @@ class WorkerVMs:
 
     def _backoff_seconds(self) -> float:
         streak = sum(1 for f in self.failures if f.at > self.last_success)  # failures in a row
+        if not streak:
+            return 0.0  # a batch was created since
         return RetryPolicy(attempts=streak + 1, base_delay=LAUNCH_BACKOFF.base_delay,
                            max_delay=LAUNCH_BACKOFF.max_delay).delays()[-1]
 
