@@ -165,6 +165,9 @@ class Replay:
                 if d.launch:
                     for s in pool.launch(d.launch):
                         workers[s.name] = Worker(s.name)
+                for name in d.cancel:  # booting, no longer needed: deleted before it costs more
+                    pool.delete(name)
+                    del workers[name]
                 for name in d.release:
                     if pool.release(name, forecast.next_work_in(now)) == IdleAction.DELETE:
                         del workers[name]

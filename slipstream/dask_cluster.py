@@ -3,7 +3,7 @@
 :class:`CloudDaskCluster` is a ``distributed`` :class:`~distributed.deploy.SpecCluster`: the
 scheduler runs in your process; each worker is one VM (Jetstream2 flavour, created through a
 :class:`~slipstream.ownership.lease.Lease`, so it carries ownership and the reaper can find it), started by
-user_data that runs ``dask worker <scheduler> --host <the VM's address> --name <the VM's name>``.
+user_data that runs ``dask worker tls://<scheduler> --host <the VM's address> --name <the VM's name>``.
 New VMs are created in batches (one API call each); ``adapt()`` uses
 :class:`~slipstream.scaling.policy.ScalingPolicy` — the same rules as the Slurm adapter: scale up
 in batches on backlog without double-launching while VMs boot, scale down idle workers after a
@@ -18,17 +18,29 @@ a teardown proof in :attr:`CloudDaskCluster.teardown_proof`::
             print(da.random.random((20_000, 2_000), chunks=(1_000, 2_000)).mean().compute())
     print(cluster.teardown_proof.summary())
 
-With Prefect::
+With Prefect, use :class:`slipstream.tasks.dask_runner.CloudDaskTaskRunner` (it keeps Prefect's
+API key and the cluster's settings off the workers)::
 
-    DaskTaskRunner(cluster_class="slipstream.dask_cluster.CloudDaskCluster",
-                   cluster_kwargs={"cloud": provider, "scaling": {"max_workers": 4}},
-                   adapt_kwargs={"minimum": 0, "maximum": 4})
+    CloudDaskTaskRunner(cloud="local", scaling={"max_workers": 4}, adapt_kwargs={"minimum": 0, "maximum": 4})
 
-Where the scheduler listens: ``scheduler_host`` (default ``127.0.0.1``, right for the LocalCloud,
-whose VMs are processes on 127.64.x.y). On Jetstream2 give an address the VMs reach — the flow
-host's private address on the same network, or ``0.0.0.0`` with ``contact_address`` set to it.
-The scheduler port is plain TCP without TLS: keep it inside the project's network (security
-group), never on a public address.
+Security: scheduler, workers and clients speak mutual TLS with keys made for this cluster alone
+(:class:`~slipstream.dask_workers.ClusterTLS`): reaching the scheduler's port is not enough to
+join it or to submit work, and task payloads travel encrypted. ``Client(cluster)`` picks the
+keys up from ``cluster.security``. Where the scheduler listens: ``scheduler_host`` (default
+``127.0.0.1``, right for the LocalCloud, whose VMs are processes on 127.64.x.y). On Jetstream2
+give an address the VMs reach — the flow host's private address on the same network, or
+``0.0.0.0`` with ``contact_address`` set to it — and keep the port inside the project's
+security group anyway.
+
+Releasing workers: only a worker the scheduler could retire is let go (one holding results no
+other worker has stays, with its VM); a worker still booting when demand disappears is deleted
+at once; a VM that shut itself off, failed, or whose worker never joined is deleted and
+replaced; a parked one is deleted after ``max_parked_seconds``. A create call refused for quota
+or capacity backs off (5 s doubling to 5 min), is logged and shown in
+:attr:`CloudDaskCluster.scaling_error`; the workers it could not create are forgotten.
+
+Worker names are ``dask-<run>-<cluster>-b<batch>[-<i>]``: unique per cluster, so two clusters of
+one run never share one.
 
 Worker images: the user_data installs Dask into ``/opt/slipstream-dask`` when ``dask`` is not on
 PATH (Jetstream2's Featured images have python3 but not Dask), pinned to this process's versions
@@ -47,23 +59,23 @@ import itertools
 import logging
 import math
 import re
-import shlex
+import secrets
 import time
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-import dask
-import distributed
-import numpy
 from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.spec import NoOpAwaitable, ProcessInterface, SpecCluster
+from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.scheduler import Scheduler
 
+from slipstream.cloud import open_cloud
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Ownership
 from slipstream.cloud.port import CloudProvider
+from slipstream.dask_workers import DEFAULT_WORKER_PACKAGES, ClusterTLS, WorkerVMs, worker_user_data
 from slipstream.jetstream2 import DEFAULT_IMAGE
 from slipstream.ownership.lease import EventCallback, Lease, TeardownProof
 from slipstream.scaling.idle import IdlePolicy
@@ -77,48 +89,11 @@ from slipstream.scaling.policy import (
     WorkerPhase,
     WorkerView,
 )
-from slipstream.scaling.pool import WORKER_TABLE, Batch, Link, WorkerAction, WorkerObservation, WorkerPool, vm_state
+from slipstream.scaling.pool import WORKER_TABLE, Link, WorkerAction, WorkerObservation, WorkerPool, vm_state
+
+__all__ = ["DEFAULT_WORKER_PACKAGES", "CloudDaskCluster", "PolicyAdaptive", "worker_user_data"]
 
 log = logging.getLogger("slipstream.dask")
-
-DEFAULT_WORKER_PACKAGES: tuple[str, ...] = (
-    f"dask[array]=={dask.__version__}", f"distributed=={distributed.__version__}", f"numpy=={numpy.__version__}")
-
-
-def worker_user_data(scheduler_address: str, *, nthreads: int, packages: tuple[str, ...] = DEFAULT_WORKER_PACKAGES,
-                     death_timeout: float = 60.0) -> str:
-    """The ``#!`` user_data that turns a fresh VM into a Dask worker of ``scheduler_address``."""
-    pkgs = " ".join(shlex.quote(p) for p in packages)
-    sched = shlex.quote(scheduler_address)
-    return f"""#!/bin/sh
-# slipstream Dask worker: joins {scheduler_address} as this VM, on this VM's own address.
-set -eu
-name="${{SLIPSTREAM_VM_NAME:-}}"
-addr="${{SLIPSTREAM_VM_ADDRESS:-}}"
-if [ -z "$name" ]; then  # a real VM: its name from the metadata service, its first address
-  name=$(curl -fsS http://169.254.169.254/openstack/latest/meta_data.json |
-         python3 -c 'import json, sys; print(json.load(sys.stdin)["name"])')
-  addr=$(hostname -I | cut -d' ' -f1)
-fi
-if ! command -v dask >/dev/null 2>&1; then
-  # Featured images have python3 but not Dask: install the scheduler's versions into a venv.
-  if [ ! -x /opt/slipstream-dask/bin/dask ]; then
-    python3 -m venv /opt/slipstream-dask || {{ apt-get update -q && apt-get install -y -q python3-venv &&
-                                               python3 -m venv /opt/slipstream-dask; }}
-    /opt/slipstream-dask/bin/pip install -q {pkgs}
-  fi
-  PATH=/opt/slipstream-dask/bin:$PATH
-fi
-# Rejoin after an unshelve or a reboot: cloud-init runs per-boot scripts at every boot (the
-# local cloud too, under the VM's disk). The worker stays in the boot's process group.
-disk="${{SLIPSTREAM_VM_DISK:-}}"
-mkdir -p "$disk/var/lib/cloud/scripts/per-boot" "$disk/var/log"
-printf "#!/bin/sh\\n'%s' >>'%s' 2>&1 &\\n" "$0" "$disk/var/log/slipstream-dask.log" \\
-  > "$disk/var/lib/cloud/scripts/per-boot/slipstream-dask.sh"
-chmod +x "$disk/var/lib/cloud/scripts/per-boot/slipstream-dask.sh"
-exec dask worker {sched} --host "$addr" --name "$name" --nthreads {int(nthreads)} \\
-  --no-nanny --no-dashboard --death-timeout {death_timeout:.0f}
-"""
 
 
 def _as_config(scaling: ScalingConfig | dict | None) -> ScalingConfig:
@@ -137,51 +112,21 @@ def _as_config(scaling: ScalingConfig | dict | None) -> ScalingConfig:
                              hint="See slipstream.scaling.policy.ScalingConfig for the fields.") from None
 
 
-class WorkerVMs:
-    """Between SpecCluster's event loop and the pool's blocking cloud calls: one batch, one call."""
+class JoinedNames(SchedulerPlugin):
+    """Notes each worker that joins the scheduler, so a VM whose worker never joined is deleted
+    rather than parked when released."""
 
-    def __init__(self, pool: WorkerPool, *, nthreads: int, packages: tuple[str, ...], boot_timeout: float) -> None:
-        self.pool = pool
-        self.nthreads = nthreads
-        self.packages = packages
-        self.boot_timeout = boot_timeout
-        self.batch_of: dict[str, Batch] = {}
-        self.launching: dict[str, asyncio.Future] = {}
-        self.scheduler_address: str | None = None
-        self.closing = False
-        self.next_work_in = lambda: None  # set by the adaptive's forecast
+    def __init__(self, vms: WorkerVMs) -> None:
+        self.vms = vms
 
-    def plan(self, count: int) -> Batch:
-        batch = self.pool.next_batch(count)
-        self.batch_of.update({n: batch for n in batch.names})
-        return batch
-
-    def _launch(self, batch: Batch) -> None:
-        if self.pool.user_data is None:
-            self.pool.user_data = worker_user_data(self.scheduler_address or "", nthreads=self.nthreads,
-                                                   packages=self.packages)
-        self.pool.launch(batch)
-        self.pool.wait_active(batch.names, timeout=self.boot_timeout)
-
-    async def ready(self, name: str) -> None:
-        """Return once ``name``'s VM is ACTIVE (created with its batch, or unparked)."""
-        if name in self.pool.parked():
-            await asyncio.to_thread(self.pool.unpark, name)
-            await asyncio.to_thread(self.pool.wait_active, [name], self.boot_timeout)
-            return
-        batch = self.batch_of[name]
-        if batch.name not in self.launching:
-            self.launching[batch.name] = asyncio.ensure_future(asyncio.to_thread(self._launch, batch))
-        await asyncio.shield(self.launching[batch.name])
-
-    async def let_go(self, name: str) -> None:
-        if self.closing or name not in self.pool.servers:
-            return  # closing: the lease deletes everything at once, with a proof
-        await asyncio.to_thread(self.pool.release, name, self.next_work_in())
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        self.vms.joined.add(str(scheduler.workers[worker].name))
 
 
 class CloudWorker(ProcessInterface):
-    """One Dask worker: one cloud VM whose user_data runs ``dask worker``."""
+    """One Dask worker: one cloud VM whose user_data runs ``dask worker``. Starting it asks for
+    the VM and returns at once (the boot happens in the background, outside the cluster's lock);
+    the worker is up when it joins the scheduler."""
 
     def __init__(self, scheduler: str, name: str, vms: WorkerVMs) -> None:
         super().__init__(scheduler=scheduler, name=name)
@@ -189,16 +134,14 @@ class CloudWorker(ProcessInterface):
         self.vms = vms
 
     async def start(self) -> None:
-        try:
-            await self.vms.ready(self.name)
-        except BaseException:
-            self.status = Status.failed
-            raise
+        self.vms.request(self.name)
         await super().start()
 
     async def close(self) -> None:
         try:
-            await self.vms.let_go(self.name)
+            cluster = self._cluster() if getattr(self, "_cluster", None) else None
+            if cluster is not None:
+                await cluster._worker_closing(self.name)
         finally:
             await super().close()
 
@@ -211,7 +154,6 @@ class PolicyAdaptive(Adaptive):
         self.policy = policy
         self.forecast = ArrivalForecast()
         self.idle_since: dict[str, float] = {}
-        self.first_seen: dict[str, float] = {}
         self.decision: ScalingDecision | None = None
         self.decisions: list[ScalingDecision] = []
         self.repairs: list[tuple[str, WorkerAction]] = []
@@ -226,9 +168,11 @@ class PolicyAdaptive(Adaptive):
 
     async def check_vms(self) -> None:
         """Every ``cloud_check_seconds``, look at the workers' VMs (one list call) and apply
-        :data:`~slipstream.scaling.pool.WORKER_TABLE`: a VM in ERROR, deleted behind our back, or
-        up without its worker joining long after the boot deadline is dropped (and deleted), so
-        the policy can replace it."""
+        :data:`~slipstream.scaling.pool.WORKER_TABLE`: a VM in ERROR, deleted behind our back,
+        stopped by itself (SHUTOFF still costs 50 %), or up without its worker joining long after
+        its boot deadline (counted from when it was last asked for: created or unparked) is
+        dropped and deleted, so the policy can replace it. Workers parked past the idle policy's
+        ``max_parked_seconds`` are deleted."""
         now = time.monotonic()
         if now - self._last_check < self.cloud_check_seconds:
             return
@@ -236,17 +180,20 @@ class PolicyAdaptive(Adaptive):
         pool, vms = self.cluster.vms.pool, self.cluster.vms
         seen = await asyncio.to_thread(pool.observe_all)
         joined = {ws.name for ws in self.cluster.scheduler.workers.values()}
-        for name in [n for n in self.cluster.worker_spec if n in pool.servers]:
-            since = self.first_seen.setdefault(name, now)
-            link = (Link.JOINED if name in joined
-                    else Link.LATE if now - since > vms.boot_timeout + self.policy.config.boot_seconds else Link.NOT_YET)
-            action = WORKER_TABLE.action_for(WorkerObservation(name, vm_state(seen.get(name)), link))
+        parked = set(pool.parked())
+        late_after = vms.boot_timeout + self.policy.config.boot_seconds
+        for name in [n for n in pool.servers if n in self.cluster.worker_spec or n in parked]:
+            since = vms.requested_at.get(name, now)
+            link = Link.JOINED if name in joined else Link.LATE if now - since > late_after else Link.NOT_YET
+            state = vm_state(seen.get(name), parked=name in parked)
+            action = WORKER_TABLE.action_for(WorkerObservation(name, state, link))
             if action in (WorkerAction.DELETE, WorkerAction.FORGET):
-                log.warning("worker %s: %s -> %s", name, f"{vm_state(seen.get(name))}, {link}", action)
+                log.warning("worker %s: %s, %s -> %s", name, state, link, action)
                 self.repairs.append((name, action))
                 self.cluster.worker_spec.pop(name, None)
-                self.first_seen.pop(name, None)
                 await asyncio.to_thread(pool.delete, name)
+        for name in await asyncio.to_thread(pool.expire_parked):
+            log.info("deleted %s: parked longer than %.0f s", name, pool.idle.max_parked_seconds)
         if self.repairs:
             self.cluster.loop.add_callback(self.cluster._correct_state)  # closes the dropped workers
 
@@ -283,20 +230,24 @@ class PolicyAdaptive(Adaptive):
         return sum(durations) * queued / len(durations)
 
     async def target(self) -> int:
-        self.decision = self.policy.decide(self.observe())
-        if self.decision.launch or self.decision.unpark or self.decision.release:
-            self.decisions.append(self.decision)
-            log.info("scaling: %s -> %d workers (%s)", self.decision.flavor, self.decision.target, self.decision.reason)
-        return self.decision.target
+        decision = self.policy.decide(self.observe())
+        if decision.launch and self.cluster.vms.backing_off():
+            decision = replace(decision, launch=0, target=decision.target - decision.launch,
+                               reason=f"{decision.reason}; not launching after: {self.cluster.vms.error}")
+        self.decision = decision
+        if decision.launch or decision.unpark or decision.release or decision.cancel:
+            self.decisions.append(decision)
+            log.info("scaling: %s -> %d workers (%s)", decision.flavor, decision.target, decision.reason)
+        return decision.target
 
     async def recommendations(self, target: int) -> dict:
         d = self.decision
         if d is not None and (d.launch or d.unpark):
             return {"status": "up", "n": len(self.cluster.worker_spec) + d.launch + len(d.unpark)}
-        if d is not None and d.release:
+        if d is not None and (d.release or d.cancel):
             for name in d.release:
                 self.idle_since.pop(name, None)
-            return {"status": "down", "workers": list(d.release)}
+            return {"status": "down", "workers": [*d.cancel, *d.release]}
         return {"status": "same"}
 
 
@@ -304,7 +255,8 @@ class CloudDaskCluster(SpecCluster):
     """Dask workers on cloud VMs (see the module docstring).
 
     Args:
-        cloud: the provider (``slipstream.blocks.load_cloud("local")``, a ``LocalCloud``, an ``OpenStackCloud``).
+        cloud: ``"local"``, a saved cloud block ``"<block-type>/<name>"`` (needs Prefect's block
+            store), or a provider object (a ``LocalCloud``, an ``OpenStackCloud``).
         n_workers: workers to start with (default 0: let ``adapt`` or ``scale`` add them).
         scaling: a :class:`ScalingConfig` or its fields as a dict (flavour candidates, task needs,
             batch size, cooldown, boot time, idle policy); ``adapt(minimum, maximum)`` overrides
@@ -315,38 +267,48 @@ class CloudDaskCluster(SpecCluster):
         scheduler_host / scheduler_port / contact_address: where the scheduler listens and the
             address the workers are told (see the module docstring).
         worker_packages: pip requirements installed on images without Dask.
-        boot_timeout: seconds for a batch to become ACTIVE.
+        boot_timeout: seconds a worker may take from being asked for to joining the scheduler.
     """
 
-    def __init__(self, cloud: CloudProvider, *, n_workers: int = 0, scaling: ScalingConfig | dict | None = None,
+    def __init__(self, cloud: CloudProvider | str = "local", *, n_workers: int = 0,
+                 scaling: ScalingConfig | dict | None = None,
                  image: str = DEFAULT_IMAGE, pipeline: str = "dask", run_id: str | None = None,
                  lease_hours: float = 24.0, scheduler_host: str = "127.0.0.1", scheduler_port: int = 0,
                  contact_address: str | None = None, worker_packages: tuple[str, ...] | list[str] = (),
                  boot_timeout: float = 900.0, key_name: str | None = None, on_event: EventCallback | None = None,
                  asynchronous: bool = False, loop: Any = None, name: str | None = None) -> None:
+        cloud = open_cloud(cloud) if isinstance(cloud, str) else cloud
         self.config = _as_config(scaling)
         images = {i.name for i in cloud.list_images()}
         if image not in images:
             raise InvalidRequest(f"image {image!r} is not on {cloud.name}", resource="CloudDaskCluster",
                                  hint=f"Images there: {', '.join(sorted(images))}.")
-        self.flavor = self.config.chosen_flavor
         self.owner = Ownership.new(pipeline, run_id=run_id, lease=timedelta(hours=lease_hours))
         self.lease = Lease(cloud, self.owner, on_event=on_event)
         self.cloud = cloud
         self.teardown_proof: TeardownProof | None = None
-        prefix = "dask-" + (re.sub(r"[^a-z0-9]", "", self.owner.run_id.lower())[:8] or "pool")
-        pool = WorkerPool(self.lease, flavor=self.flavor, image=image, prefix=prefix, idle=self.config.idle,
-                          key_name=key_name, metadata={"slipstream:role": "dask-worker"})
-        self.vms = WorkerVMs(pool, nthreads=self.config.slots,
-                             packages=(*DEFAULT_WORKER_PACKAGES, *worker_packages), boot_timeout=boot_timeout)
+        # Unique per cluster, not only per run: two clusters of one run never share a worker name.
+        run = re.sub(r"[^a-z0-9]", "", self.owner.run_id.lower())[:8] or "pool"
+        prefix = f"dask-{run}-{secrets.token_hex(2)}"
+        self.tls = ClusterTLS.new(prefix)
+        pool = WorkerPool(self.lease, flavor=self.config.chosen_flavor, image=image, prefix=prefix,
+                          idle=self.config.idle, key_name=key_name, metadata={"slipstream:role": "dask-worker"})
+        self.vms = WorkerVMs(pool, nthreads=self.config.slots, packages=(*DEFAULT_WORKER_PACKAGES, *worker_packages),
+                             boot_timeout=boot_timeout, tls=self.tls, on_failed=self._forget_failed)
         # The scheduler's HTTP endpoints (health, metrics) listen on its host too, on a free port:
         # never Dask's default of every interface, nor a fixed 8787 another cluster may hold.
+        security = self.tls.security()
         scheduler = {"cls": Scheduler, "options": {"host": scheduler_host, "port": scheduler_port, "dashboard": False,
-                                                   "dashboard_address": f"{scheduler_host}:0",
-                                                   "contact_address": contact_address}}
+                                                   "dashboard_address": f"{scheduler_host}:0", "protocol": "tls",
+                                                   "contact_address": contact_address, "security": security}}
         workers = self._new_specs(min(n_workers, self.config.max_workers))
         super().__init__(workers=workers, scheduler=scheduler, asynchronous=asynchronous, loop=loop,
-                         name=name or f"CloudDaskCluster({cloud.name}, {self.flavor})")
+                         security=security, name=name or f"CloudDaskCluster({cloud.name}, {self.flavor})")
+
+    @property
+    def flavor(self) -> str:
+        """The flavour the pool boots (the policy sizes for this one's slots)."""
+        return self.vms.pool.flavor
 
     # SpecCluster hooks --------------------------------------------------------------------------
     def _spec(self) -> dict:
@@ -365,6 +327,7 @@ class CloudDaskCluster(SpecCluster):
     async def _start(self) -> None:
         await super()._start()
         self.vms.scheduler_address = self.scheduler.address  # contact address when one was given
+        self.scheduler.add_plugin(JoinedNames(self.vms), name="slipstream-joined-names")
 
     def scale(self, n: int = 0, memory: Any = None, cores: Any = None):
         n = min(int(n), self.config.max_workers)
@@ -378,24 +341,43 @@ class CloudDaskCluster(SpecCluster):
 
     def adapt(self, Adaptive: type[Adaptive] = PolicyAdaptive, minimum: float = 0,  # noqa: N803 - distributed's name
               maximum: float = math.inf, interval: str | float = "1s", **kwargs: Any) -> Adaptive:
-        """Adaptive scaling by :class:`ScalingPolicy` between ``minimum`` and ``maximum`` workers."""
+        """Adaptive scaling by :class:`ScalingPolicy` between ``minimum`` and ``maximum`` workers.
+
+        The bounds can change the flavour the policy picks (rule 1); the pool boots that one
+        while it has booted none yet, else the policy keeps sizing for the flavour already booted."""
         hi = self.config.max_workers if math.isinf(maximum) else int(maximum)
         config = replace(self.config, min_workers=int(minimum), max_workers=hi)
+        pool = self.vms.pool
+        if not self.vms.created and not self.vms.batch_of:
+            pool.flavor = config.chosen_flavor
+            self.vms.nthreads = config.slots
+        else:
+            config = replace(config, flavor=pool.flavor)
         self.config = config
         return super().adapt(Adaptive=PolicyAdaptive, minimum=int(minimum), maximum=hi, interval=interval,
                              policy=ScalingPolicy(config), **kwargs)
 
-    async def _correct_state_internal(self) -> None:
-        try:
-            await super()._correct_state_internal()
-        except Exception as err:  # a batch that failed (quota, capacity): forget it so adapt can retry
-            failed = [n for n, w in self.workers.items() if w.status == Status.failed]
-            for name in failed:
-                self.worker_spec.pop(name, None)
-                self.workers.pop(name, None)
-                await asyncio.to_thread(self.vms.pool.delete, name)
-            log.warning("workers %s failed to start: %s", ", ".join(map(str, failed)), err)
-            raise
+    def _forget_failed(self, names: tuple[str, ...]) -> None:
+        """Workers whose VMs could not be created: out of the spec, never counted as launched."""
+        for name in names:
+            self.worker_spec.pop(name, None)
+        self.loop.add_callback(self._correct_state)
+
+    async def _worker_closing(self, name: str) -> None:
+        """A worker object closes: release its VM only if the cluster let it go and the
+        scheduler retired it. The scheduler refuses to retire a worker holding results no other
+        worker has; such a worker goes back into the pool with its VM, so no result is lost and
+        no task runs twice."""
+        if self.vms.closing or name in self.worker_spec:
+            return  # closing (the lease deletes all), or still wanted: the worker left by itself
+        if name in {ws.name for ws in self.scheduler.workers.values()}:
+            retired = await self.scheduler_comm.retire_workers(names=[name], remove=True, close_workers=True)
+            if name not in {info.get("name") for info in retired.values()}:
+                log.info("worker %s kept: it holds results the scheduler could not move elsewhere", name)
+                self.worker_spec[name] = self._spec()
+                self.loop.add_callback(self._correct_state)
+                return
+        await self.vms.let_go(name)
 
     async def _close(self) -> None:
         self.vms.closing = True
@@ -412,5 +394,10 @@ class CloudDaskCluster(SpecCluster):
 
     @property
     def launched(self) -> list[str]:
-        """Names of every worker VM this cluster created, in order."""
-        return list(self.vms.batch_of)
+        """Names of every worker VM this cluster created, in order (never one it could not create)."""
+        return list(self.vms.created)
+
+    @property
+    def scaling_error(self) -> str | None:
+        """Why no new worker VM is being asked for right now (quota, capacity…), or None."""
+        return self.vms.error

@@ -29,6 +29,18 @@ from slipstream.cloud.models import (
 )
 from slipstream.cloud.port import CloudProvider
 
+
+def open_cloud(ref: str = "local") -> CloudProvider:
+    """The cloud ``ref`` names: ``"local"`` (the embedded LocalCloud, no Prefect needed) or a
+    saved cloud block ``"<block-type>/<name>"`` (read from Prefect's block store)."""
+    if ref in ("", "local"):
+        from slipstream.cloud.local import LocalCloud
+
+        return LocalCloud()
+    from slipstream.blocks import load_cloud  # a saved block needs Prefect's block store
+
+    return load_cloud(ref)
+
 __all__ = [
     "CapacityError",
     "CloudError",
@@ -50,4 +62,5 @@ __all__ = [
     "Volume",
     "WaitTimeout",
     "check_name",
+    "open_cloud",
 ]

@@ -25,11 +25,13 @@ The rules, in the order they apply:
    Parked workers count against ``max_workers``: Nova counts them against the quota too.
    *Boot-aware*: when the queued work would be finished by the workers already up before a new
    one could boot (``queued_work_seconds / slots up < boot_seconds``), nothing is launched.
-4. **Scale down** only idle workers, only after ``cooldown_seconds`` idle, longest-idle first, and
-   never below ``min_workers`` or below demand.
+4. **Scale down**: workers still booting go first, at once (``cancel``: a VM deleted in BUILD has
+   cost nothing yet, and one that never joined holds no work); then idle workers, only after
+   ``cooldown_seconds`` idle, longest-idle first; never below ``min_workers`` or below demand.
 5. **Keep warm** (boot-aware): an idle worker past its cooldown is still kept when the next work
    is expected (``PoolState.next_work_in``, see :class:`ArrivalForecast`) sooner than a new
-   worker would take to boot (``boot_seconds``). Why: releasing it saves at most that gap's SUs,
+   worker would take to boot (``boot_seconds``) — a forecast that is overdue by more than one
+   usual gap has expired (the work stopped coming), so it keeps nobody. Why: releasing it saves at most that gap's SUs,
    while booting its replacement costs as much charged time (the install on ACTIVE) *and* makes
    the work wait for the boot. When the gap is longer, releasing wins, and the idle policy
    (:mod:`slipstream.scaling.idle`) decides between deleting and shelving.
@@ -187,6 +189,7 @@ class ScalingDecision:
     launch: int = 0                  # new VMs to create now, in one batch
     unpark: tuple[str, ...] = ()
     release: tuple[str, ...] = ()    # idle workers to let go (the idle policy: delete or park)
+    cancel: tuple[str, ...] = ()     # booting workers no longer needed: delete them before they cost
     keep_warm: tuple[str, ...] = ()  # past cooldown but kept: work expected back within a boot
     reason: str = ""
 
@@ -232,18 +235,26 @@ class ScalingPolicy:
     def _scale_down(self, state: PoolState, flavor: str, wanted: int, live: list[WorkerView]) -> ScalingDecision:
         c = self.config
         surplus = len(live) - wanted
+        if surplus <= 0:
+            return ScalingDecision(flavor, len(live), reason="holding: demand met")
+        # Booting workers first, newest first: a VM in BUILD has cost nothing, none holds work.
+        cancel = tuple(w.name for w in reversed(live) if w.phase == WorkerPhase.BOOTING)[:surplus]
+        surplus -= len(cancel)
+        held = len(live) - len(cancel)
         idle = sorted((w for w in live if w.phase == WorkerPhase.IDLE and w.idle_since is not None),
                       key=lambda w: w.idle_since)  # type: ignore[arg-type, return-value]
         cooled = [w.name for w in idle if state.now - w.idle_since >= c.cooldown_seconds]  # type: ignore[operator]
-        if surplus <= 0 or not cooled:
-            return ScalingDecision(flavor, len(live), reason="holding: demand met, nobody idle past the cooldown")
         candidates = cooled[:surplus]
+        why = f"{len(cancel)} booting no longer needed" if cancel else ""
+        if not candidates:
+            return ScalingDecision(flavor, held, cancel=cancel,
+                                   reason=why or "holding: nobody idle past the cooldown")
         if c.keep_warm and state.next_work_in is not None and state.next_work_in < c.boot_seconds:
-            return ScalingDecision(flavor, len(live), keep_warm=tuple(candidates),
+            return ScalingDecision(flavor, held, cancel=cancel, keep_warm=tuple(candidates),
                                    reason=f"work expected in {state.next_work_in:.0f} s, sooner than a "
                                           f"{c.boot_seconds:.0f} s boot")
-        return ScalingDecision(flavor, len(live) - len(candidates), release=tuple(candidates),
-                               reason=f"{len(candidates)} idle past the {c.cooldown_seconds:.0f} s cooldown")
+        why = ", ".join(filter(None, [why, f"{len(candidates)} idle past the {c.cooldown_seconds:.0f} s cooldown"]))
+        return ScalingDecision(flavor, held - len(candidates), release=tuple(candidates), cancel=cancel, reason=why)
 
 
 @dataclass
@@ -253,7 +264,9 @@ class ArrivalForecast:
     A burst starts when work shows up while nothing was queued or running. The next one is
     expected one median gap after the last started (also while that one still runs: the work
     already here is demand, the forecast is about the *next* burst); with fewer than two bursts
-    seen there is no forecast.
+    seen there is no forecast. A burst late by up to one more gap is still expected "now";
+    later than that the pattern has broken and the forecast expires (None) until bursts
+    resume — else a pool would keep warm workers for work that stopped coming, forever.
     """
 
     starts: list[float] = field(default_factory=list)
@@ -270,7 +283,10 @@ class ArrivalForecast:
         if len(self.starts) < 2:
             return None
         gap = statistics.median(b - a for a, b in zip(self.starts, self.starts[1:], strict=False))
-        return max(0.0, self.starts[-1] + gap - now)
+        due_in = self.starts[-1] + gap - now
+        if due_in < -gap:
+            return None  # overdue by more than a gap: the work stopped coming
+        return max(0.0, due_in)
 
 
 # The baselines, as configurations of the same policy ----------------------------------------

@@ -164,6 +164,7 @@ class VmState(StrEnum):
     BOOTING = "vm booting"
     UP = "vm up"
     PARKED = "vm parked"
+    STOPPED = "vm stopped by itself"  # SHUTOFF/SHELVED/… though the pool did not park it
     FAILED = "vm in error"
     GONE = "vm gone"
 
@@ -197,17 +198,21 @@ class WorkerObservation:
     extra: dict = field(default_factory=dict, compare=False)
 
 
-def vm_state(server: Server | None) -> VmState:
+def vm_state(server: Server | None, *, parked: bool = False) -> VmState:
+    """A worker VM's state for the table; ``parked``: the pool itself parked it. A VM that shut
+    itself off (a guest ``poweroff``, a crash) is STOPPED, not parked: SHUTOFF costs 50 % for as
+    long as it lasts."""
     if server is None or server.status == ServerStatus.DELETED:
         return VmState.GONE
     return {ServerStatus.BUILD: VmState.BOOTING, ServerStatus.ACTIVE: VmState.UP,
-            ServerStatus.ERROR: VmState.FAILED}.get(server.status, VmState.PARKED)
+            ServerStatus.ERROR: VmState.FAILED}.get(server.status, VmState.PARKED if parked else VmState.STOPPED)
 
 
 def _rows() -> dict[tuple[VmState, Link, Want], WorkerAction]:
     rows: dict[tuple[VmState, Link, Want], WorkerAction] = {}
     for link, want in itertools.product(Link, Want):
         rows[(VmState.FAILED, link, want)] = WorkerAction.DELETE   # an ERROR VM never recovers
+        rows[(VmState.STOPPED, link, want)] = WorkerAction.DELETE  # charged, useless: replace it
         rows[(VmState.GONE, link, want)] = WorkerAction.FORGET     # deleted behind our back
         # parked: wake it if wanted, delete it if released for good, else leave it (0 SU)
         rows[(VmState.PARKED, link, want)] = {Want.UNPARK: WorkerAction.UNPARK,

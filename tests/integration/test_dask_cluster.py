@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import time
 from pathlib import Path
@@ -167,4 +168,51 @@ def test_a_worker_vm_deleted_behind_the_clusters_back_is_replaced(local_cloud):
                    {w["name"] for w in cluster.scheduler_info["workers"].values()}, timeout=60,
                    what="a replacement worker joined")
         assert len(local_cloud.list_servers(run_id=cluster.run_id)) == 2
+    assert cluster.teardown_proof.clean
+
+
+def test_the_scheduler_speaks_mutual_tls_with_this_clusters_keys_only(local_cloud, caplog):
+    from distributed.security import Security
+
+    caplog.set_level(logging.DEBUG)
+    with CloudDaskCluster(local_cloud, image="slipstream-noop", scaling=SCALING) as cluster:
+        cluster.scale(1)
+        wait_until(lambda: len(cluster.scheduler_info["workers"]) == 1, timeout=60, what="the worker joined")
+        address = cluster.scheduler_address
+        assert address.startswith("tls://")
+        assert all(w["id"] and addr.startswith("tls://") for addr, w in cluster.scheduler_info["workers"].items())
+        with distributed.Client(cluster) as client:  # the cluster's own keys: accepted
+            assert client.submit(lambda: 6 * 7).result(timeout=30) == 42
+        # Anyone else who reaches the port: plain TCP, or TLS with a certificate of another CA.
+        for security in (None, Security.temporary()):
+            with pytest.raises((OSError, TimeoutError)):
+                distributed.Client(address.replace("tls://", "tcp://") if security is None else address,
+                                   security=security, timeout=3)
+        (server,) = local_cloud.list_servers(run_id=cluster.run_id)
+        (key_file,) = Path(local_cloud.home).rglob("etc/slipstream-dask/worker.key")  # on the VM's disk
+        assert (key_file.stat().st_mode & 0o777) == 0o600
+        user_data = cluster.vms.pool.user_data
+        assert cluster.tls.worker_key.strip() in user_data and cluster.tls.local_key.strip() not in user_data
+        assert "PREFECT" not in user_data
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "PRIVATE KEY" not in logged and "PRIVATE KEY" not in repr(cluster.tls)
+
+
+def test_two_clusters_of_one_run_never_share_a_worker_name(local_cloud):
+    run_id = "7f3c2a1e-0000-4000-8000-000000000001"
+    with CloudDaskCluster(local_cloud, image="slipstream-noop", scaling=SCALING, run_id=run_id) as a, \
+            CloudDaskCluster(local_cloud, image="slipstream-noop", scaling=SCALING, run_id=run_id) as b:
+        a.scale(1)
+        b.scale(1)
+        wait_until(lambda: len(a.launched) == 1 and len(b.launched) == 1, timeout=30, what="both workers created")
+        assert a.launched != b.launched
+        names = [s.name for s in local_cloud.list_servers(run_id=run_id)]
+        assert sorted(names) == sorted(a.launched + b.launched)
+    assert a.teardown_proof.clean and b.teardown_proof.clean
+
+
+def test_a_cloud_can_be_named_as_the_readme_shows(local_cloud, monkeypatch):
+    monkeypatch.setenv("SLIPSTREAM_LOCAL_HOME", str(local_cloud.home))
+    with CloudDaskCluster("local", image="slipstream-noop", scaling=SCALING) as cluster:
+        assert cluster.cloud.home == local_cloud.home
     assert cluster.teardown_proof.clean

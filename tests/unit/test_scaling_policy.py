@@ -122,9 +122,23 @@ def test_idle_workers_go_only_after_the_cooldown_longest_idle_first():
     assert p.decide(PoolState(now=400, queued=0, running=1, workers=workers)).release == ("b", "a")
 
 
-def test_busy_and_booting_workers_are_never_released():
-    d = policy(cooldown_seconds=0).decide(PoolState(now=100, queued=0, running=0, workers=pool(U, B)))
-    assert d.release == ()
+def test_busy_workers_are_never_released():
+    d = policy(cooldown_seconds=0).decide(PoolState(now=100, queued=0, running=0, workers=pool(U, U)))
+    assert d.release == () and d.cancel == ()
+
+
+def test_booting_workers_are_cancelled_first_when_demand_disappears():
+    # The work ended while 3 VMs boot: deleting a VM in BUILD costs nothing, so all 3 go at once,
+    # without waiting for a cooldown; the busy one stays.
+    p = policy(cooldown_seconds=300)
+    d = p.decide(PoolState(now=10, queued=0, running=1, workers=pool(U, B, B, B)))
+    assert d.cancel == ("w3", "w2", "w1") and d.release == () and d.target == 1
+    # Demand for 2 workers (8 tasks) with 1 up and 3 booting: only the surplus goes, newest first.
+    d = p.decide(PoolState(now=10, queued=4, running=4, workers=pool(U, B, B, B)))
+    assert d.cancel == ("w3", "w2") and d.target == 2
+    # Booting ones go before idle ones: nothing is released while a cancel covers the surplus.
+    d = policy(cooldown_seconds=0).decide(PoolState(now=100, queued=0, running=0, workers=pool(I, B)))
+    assert d.cancel == ("w1",) and d.release == ("w0",) and d.target == 0
 
 
 def test_an_idle_worker_is_kept_warm_when_work_returns_sooner_than_a_reboot():
@@ -146,6 +160,25 @@ def test_the_forecast_expects_the_next_burst_one_median_gap_after_the_last():
     assert f.next_work_in(400) == 0.0  # overdue
     f.observe(401, 1, 0)  # the 4th burst: the next is expected a median gap (100 s) after it
     assert f.starts[-1] == 401 and f.next_work_in(402) == 99
+
+
+@pytest.mark.parametrize("idle_for", [600, 3600, 24 * 3600])
+def test_an_overdue_forecast_expires_and_idle_workers_are_released(idle_for):
+    # Bursts every 100 s, then the work stops. Before the fix the forecast floored at 0 ("work
+    # any second now"), sooner than a 180 s boot, so both idle workers were kept for ever.
+    f = ArrivalForecast()
+    for t, q in [(0, 5), (10, 0), (100, 3), (110, 0), (200, 4), (210, 0)]:
+        f.observe(t, q, 0)
+    p = policy(cooldown_seconds=60, boot_seconds=180)
+    now = 210 + idle_for
+    idle = pool(I, I, idle_since=210)
+    d = p.decide(PoolState(now=now, queued=0, running=0, workers=idle, next_work_in=f.next_work_in(now)))
+    assert d.release == ("w0", "w1") and d.keep_warm == () and d.target == 0
+    # ...while a burst only a little late (within one usual gap) still keeps them warm.
+    assert f.next_work_in(350) == 0.0
+    assert p.decide(PoolState(now=350, queued=0, running=0, workers=idle, next_work_in=0.0)).keep_warm == ("w0", "w1")
+    f.observe(now + 1, 2, 0)  # work is back: the forecast resumes from the new burst
+    assert f.next_work_in(now + 2) is not None
 
 
 def test_no_forecast_before_two_bursts():

@@ -1,0 +1,266 @@
+"""The VM side of :class:`~slipstream.dask_cluster.CloudDaskCluster`: how a VM becomes a Dask
+worker, the cluster's TLS keys, and the launches in flight.
+
+- :func:`worker_user_data` — the ``#!`` script that installs Dask where the image lacks it,
+  writes the worker's TLS files (mode 0600) and runs ``dask worker tls://…`` under the VM's name.
+- :class:`ClusterTLS` — a certificate authority made in memory for one cluster, and the
+  certificates it signs: one for the scheduler and client (this process), one for the workers.
+  The scheduler accepts only peers with a certificate of that CA, so reaching its port is not
+  enough to join it or submit work; and what travels between them (task payloads, results) is
+  encrypted. The CA's key is never kept; nothing of it is logged.
+- :class:`WorkerVMs` — creates each batch in the background, so the cluster's state lock is
+  never held across a create call or a boot (``adapt()`` and its health checks keep running while
+  VMs boot). A quota or capacity error backs off, is logged and kept in :attr:`WorkerVMs.error`,
+  and the workers it could not create are forgotten, never counted as launched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import shlex
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import dask
+import distributed
+import numpy
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from distributed.security import Security
+
+from slipstream.cloud.errors import CloudError
+from slipstream.retry import RetryPolicy
+from slipstream.scaling.pool import Batch, WorkerPool
+
+log = logging.getLogger("slipstream.dask")
+
+DEFAULT_WORKER_PACKAGES: tuple[str, ...] = (
+    f"dask[array]=={dask.__version__}", f"distributed=={distributed.__version__}", f"numpy=={numpy.__version__}")
+
+#: Pauses between launch attempts after quota or capacity errors: 5 s, doubling, at most 5 min.
+LAUNCH_BACKOFF = RetryPolicy(base_delay=5.0, max_delay=300.0)
+
+
+# TLS ------------------------------------------------------------------------------------------
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+
+
+def _certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool, days: int) -> str:
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .sign(issuer_key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@dataclass(frozen=True, repr=False)
+class ClusterTLS:
+    """Mutual TLS for one cluster: a CA made in memory, a certificate for this process (scheduler
+    and client) and one for its workers. ``repr`` shows no key."""
+
+    ca: str
+    local_cert: str
+    local_key: str
+    worker_cert: str
+    worker_key: str
+
+    @classmethod
+    def new(cls, cluster: str, days: int = 30) -> ClusterTLS:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = f"slipstream dask CA {cluster}"
+        ca = _certificate(ca_name, ca_key, ca_name, ca_key, ca=True, days=days)
+        local_key, worker_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+        return cls(ca=ca,
+                   local_cert=_certificate(f"{cluster} scheduler", local_key, ca_name, ca_key, ca=False, days=days),
+                   local_key=_pem_key(local_key),
+                   worker_cert=_certificate(f"{cluster} worker", worker_key, ca_name, ca_key, ca=False, days=days),
+                   worker_key=_pem_key(worker_key))  # the CA key goes out of scope here: nothing more is signed
+
+    def security(self) -> Security:
+        """distributed's Security for the scheduler and the clients in this process (in memory)."""
+        return Security(require_encryption=True, tls_ca_file=self.ca,
+                        tls_scheduler_cert=self.local_cert, tls_scheduler_key=self.local_key,
+                        tls_client_cert=self.local_cert, tls_client_key=self.local_key)
+
+    def __repr__(self) -> str:
+        return "ClusterTLS(<in memory>)"
+
+
+# user_data ------------------------------------------------------------------------------------
+def worker_user_data(scheduler_address: str, *, nthreads: int, packages: tuple[str, ...] = DEFAULT_WORKER_PACKAGES,
+                     tls: ClusterTLS | None = None, death_timeout: float = 60.0) -> str:
+    """The ``#!`` user_data that turns a fresh VM into a Dask worker of ``scheduler_address``.
+
+    With ``tls`` it carries what this worker needs to join — the CA certificate and the workers'
+    own certificate and key — written 0600 under ``/etc/slipstream-dask`` (the VM's disk on the
+    LocalCloud), and nothing else of the cluster: no scheduler or client key, no Prefect setting.
+    """
+    pkgs = " ".join(shlex.quote(p) for p in packages)
+    sched = shlex.quote(scheduler_address)
+    tls_files = tls_args = ""
+    if tls is not None:
+        tls_files = "".join(
+            f"cat >\"$tlsdir/{name}\" <<'SLIPSTREAM_PEM'\n{pem.strip()}\nSLIPSTREAM_PEM\n"
+            for name, pem in (("ca.pem", tls.ca), ("worker.pem", tls.worker_cert), ("worker.key", tls.worker_key)))
+        tls_args = ' --tls-ca-file "$tlsdir/ca.pem" --tls-cert "$tlsdir/worker.pem" --tls-key "$tlsdir/worker.key"'
+    return f"""#!/bin/sh
+# slipstream Dask worker: joins {scheduler_address} as this VM, on this VM's own address.
+set -eu
+umask 077
+name="${{SLIPSTREAM_VM_NAME:-}}"
+addr="${{SLIPSTREAM_VM_ADDRESS:-}}"
+if [ -z "$name" ]; then  # a real VM: its name from the metadata service, its first address
+  name=$(curl -fsS http://169.254.169.254/openstack/latest/meta_data.json |
+         python3 -c 'import json, sys; print(json.load(sys.stdin)["name"])')
+  addr=$(hostname -I | cut -d' ' -f1)
+fi
+disk="${{SLIPSTREAM_VM_DISK:-}}"
+tlsdir="$disk/etc/slipstream-dask"
+mkdir -p "$tlsdir"
+{tls_files}if ! command -v dask >/dev/null 2>&1; then
+  # Featured images have python3 but not Dask: install the scheduler's versions into a venv.
+  if [ ! -x /opt/slipstream-dask/bin/dask ]; then
+    python3 -m venv /opt/slipstream-dask || {{ apt-get update -q && apt-get install -y -q python3-venv &&
+                                               python3 -m venv /opt/slipstream-dask; }}
+    /opt/slipstream-dask/bin/pip install -q {pkgs}
+  fi
+  PATH=/opt/slipstream-dask/bin:$PATH
+fi
+# Rejoin after an unshelve or a reboot: cloud-init runs per-boot scripts at every boot (the
+# local cloud too, under the VM's disk). The worker stays in the boot's process group.
+mkdir -p "$disk/var/lib/cloud/scripts/per-boot" "$disk/var/log"
+printf "#!/bin/sh\\n'%s' >>'%s' 2>&1 &\\n" "$0" "$disk/var/log/slipstream-dask.log" \\
+  > "$disk/var/lib/cloud/scripts/per-boot/slipstream-dask.sh"
+chmod 700 "$disk/var/lib/cloud/scripts/per-boot/slipstream-dask.sh"
+exec dask worker {sched} --host "$addr" --name "$name" --nthreads {int(nthreads)} \\
+  --no-nanny --no-dashboard --death-timeout {death_timeout:.0f}{tls_args}
+"""
+
+
+# launches -------------------------------------------------------------------------------------
+@dataclass
+class LaunchFailure:
+    """A batch the cloud refused: when, which workers, and the cloud's words."""
+
+    at: float
+    names: tuple[str, ...]
+    error: str
+
+
+@dataclass
+class WorkerVMs:
+    """The cluster's VMs as the event loop sees them: what was asked for, created, joined, refused.
+
+    ``request(name)`` starts the VM's batch (or unparks it) in the background and returns at once;
+    the cloud calls run in threads. ``on_failed(names)`` is called on the loop for workers whose
+    create call failed; the cluster forgets them.
+    """
+
+    pool: WorkerPool
+    nthreads: int
+    packages: tuple[str, ...]
+    boot_timeout: float
+    tls: ClusterTLS | None = None
+    on_failed: Callable[[tuple[str, ...]], None] = lambda names: None
+    next_work_in: Callable[[], float | None] = lambda: None  # set by the adaptive's forecast
+    scheduler_address: str | None = None
+    closing: bool = False
+    batch_of: dict[str, Batch] = field(default_factory=dict)
+    requested_at: dict[str, float] = field(default_factory=dict)  # the boot deadline counts from here
+    joined: set[str] = field(default_factory=set)                  # joined since last requested
+    created: list[str] = field(default_factory=list)
+    failures: list[LaunchFailure] = field(default_factory=list)
+    last_success: float = 0.0
+    _launches: dict[str, asyncio.Future] = field(default_factory=dict)
+    _cancelled: set[str] = field(default_factory=set)
+    _releasing: set[str] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def plan(self, count: int) -> Batch:
+        batch = self.pool.next_batch(count)
+        self.batch_of.update({n: batch for n in batch.names})
+        return batch
+
+    # launching ------------------------------------------------------------------------------
+    @property
+    def error(self) -> str | None:
+        """The last launch failure, while launches are backing off because of it."""
+        return self.failures[-1].error if self.failures and self.backing_off() else None
+
+    def backing_off(self, now: float | None = None) -> bool:
+        """True while no new VM should be asked for: the last create failed less than a backoff ago."""
+        if not self.failures:
+            return False
+        return (now or time.monotonic()) < self.failures[-1].at + self._backoff_seconds()
+
+    def _backoff_seconds(self) -> float:
+        streak = sum(1 for f in self.failures if f.at > self.last_success)  # failures in a row
+        if not streak:
+            return 0.0  # a batch was created since
+        return RetryPolicy(attempts=streak + 1, base_delay=LAUNCH_BACKOFF.base_delay,
+                           max_delay=LAUNCH_BACKOFF.max_delay).delays()[-1]
+
+    def request(self, name: str) -> None:
+        """Bring ``name``'s VM up (create its batch, or unpark it) in the background."""
+        self.requested_at[name] = time.monotonic()
+        self.joined.discard(name)
+        self._cancelled.discard(name)
+        if name in self.pool.parked():
+            self._launches[name] = asyncio.ensure_future(asyncio.to_thread(self.pool.unpark, name))
+            return
+        batch = self.batch_of[name]
+        if batch.name not in self._launches:
+            self._launches[batch.name] = asyncio.ensure_future(self._launch(batch))
+
+    async def _launch(self, batch: Batch) -> None:
+        if self.pool.user_data is None:
+            self.pool.user_data = worker_user_data(self.scheduler_address or "", nthreads=self.nthreads,
+                                                   packages=self.packages, tls=self.tls)
+        try:
+            await asyncio.to_thread(self.pool.launch, batch)
+        except CloudError as err:  # quota, capacity, bad request, or 5xx past the retries
+            self.failures.append(LaunchFailure(time.monotonic(), batch.names, str(err)))
+            log.warning("could not create workers %s: %s; no new worker VM for %.0f s", ", ".join(batch.names),
+                        err, self._backoff_seconds())
+            self.on_failed(batch.names)
+            return
+        self.last_success = time.monotonic()
+        with self._lock:
+            self.created += batch.names
+            cancelled = [n for n in batch.names if n in self._cancelled]
+        for name in cancelled:  # released while its create call was in flight
+            await asyncio.to_thread(self.pool.delete, name)
+
+    # letting go ------------------------------------------------------------------------------
+    async def let_go(self, name: str) -> None:
+        """Release ``name``'s VM: delete it if its worker never joined (nothing installed worth
+        keeping), else as the idle policy says (park or delete). Idempotent."""
+        if self.closing:
+            return  # closing: the lease deletes everything at once, with a proof
+        with self._lock:
+            if name in self._releasing:
+                return
+            if name not in self.pool.servers:
+                self._cancelled.add(name)  # its create call may still be in flight
+                return
+            self._releasing.add(name)
+        try:
+            if name in self.joined:
+                await asyncio.to_thread(self.pool.release, name, self.next_work_in())
+            else:
+                await asyncio.to_thread(self.pool.delete, name)
+        finally:
+            with self._lock:
+                self._releasing.discard(name)
