@@ -5,8 +5,11 @@ bring back their output, and delete everything." The flow stands up a head-node 
 munge) with ``max_nodes`` cloud nodes (``State=CLOUD``): Slurm itself creates a node's VM when a
 job needs it (``slipstream slurm resume``) and deletes it after ``suspend_time`` idle seconds
 (``slipstream slurm suspend``). The flow submits the scripts with ``sbatch``, waits for them
-(with a deadline, reporting progress and sweeping orphans), copies their output into
-``results_dir``, and tears the whole cluster down with a teardown proof and each node's SUs::
+(with a deadline, reporting the jobs and the nodes as they change and sweeping orphans), copies
+each job's output and ``outputs`` into ``results_dir/<run id>/<job>/`` as soon as the job ends,
+keeps the cluster's logs there, and tears the whole cluster down with a teardown proof and each
+node's SUs. A job that ends in another state than COMPLETED fails the run (unless
+``fail_on_job_failure=False``); one that can never start fails it at once::
 
     from slipstream.flows.slurm_cluster import slurm_cluster
     slurm_cluster(scripts=["align.sh", "count.sh"], max_nodes=2, suspend_time=60)
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
@@ -35,7 +39,10 @@ from slipstream.cloud.models import Ownership
 from slipstream.ownership.lease import HeldResource, Lease, lease_for_walltime
 from slipstream.slurm.cluster import ClusterPlan, ElasticCluster, slurm_cluster_plan, start_cluster
 from slipstream.slurm.commands import JobInfo
+from slipstream.slurm.jobs import (BatchJob, JobsFailed, check_outputs, collect_outputs, describe_end, submit_batch,
+                                   tail)
 from slipstream.slurm.power import SlurmPower
+from slipstream.slurm.watch import NodeWatch
 from slipstream.tasks import CLOUD_TASK_OPTIONS
 from slipstream.tasks.budget import guard_budget, watching_budget
 from slipstream.tasks.events import resource_event_emitter
@@ -47,13 +54,17 @@ class SlurmJobResult(BaseModel):
     script: str
     job_id: str
     state: str
+    exit_code: int | None
     restarts: int
-    output: str          # the copied output file in results_dir
+    output: str                # the job's Slurm output (stdout + stderr) in the results
+    outputs: list[str]         # every file brought back, the Slurm output first
+    missing_outputs: list[str]  # the requested outputs the job did not leave
 
 
 class SlurmClusterResult(BaseModel):
     run_id: str
     cloud: str
+    results_dir: str
     jobs: list[SlurmJobResult]
     resources: list[HeldResource]
     metered: list[MeteredServer]   # one line per VM: the head node and every worker the jobs used
@@ -73,36 +84,50 @@ def start_slurm_cluster(lease: Lease, plan: ClusterPlan) -> ElasticCluster:
 
 
 @task(name="submit-batch-scripts", cache_policy=CLOUD_TASK_OPTIONS["cache_policy"])
-def submit_scripts(cluster: ElasticCluster, scripts: list[Path]) -> dict[str, Path]:
-    """sbatch each script; returns {job id: its output file}."""
-    out_dir = cluster.settings.dir / "outputs"
-    out_dir.mkdir(exist_ok=True)
-    jobs = {}
-    for script in scripts:
-        staged = out_dir / script.name  # the cluster's shared directory: the nodes read it there
-        shutil.copyfile(script, staged)
-        output = out_dir / f"{script.stem}.out"
-        job_id = cluster.slurm.sbatch(staged, output=output, workdir=out_dir, job_name=script.stem)
-        get_run_logger().info("submitted %s as job %s", script.name, job_id)
-        jobs[job_id] = output
+def submit_scripts(cluster: ElasticCluster, scripts: list[Path]) -> list[BatchJob]:
+    """sbatch each script, each in a directory of its own on the cluster's shared disk."""
+    jobs = submit_batch(cluster.slurm, scripts, cluster.settings.dir / "jobs")
+    for job in jobs:
+        get_run_logger().info("submitted %s as job %s", job.script.name, job.job_id)
     return jobs
 
 
 @task(name="wait-for-slurm-jobs", cache_policy=CLOUD_TASK_OPTIONS["cache_policy"])
-def wait_for_jobs(cluster: ElasticCluster, job_ids: list[str], timeout: float, sweep_every: float = 15.0) -> list[JobInfo]:
-    """Wait for every job (deadline ``timeout``), reporting progress and sweeping orphans."""
+def wait_for_jobs(cluster: ElasticCluster, jobs: list[BatchJob], outputs: list[str], results: Path,
+                  timeout: float, sweep_every: float = 15.0) -> dict[str, SlurmJobResult]:
+    """Wait for every job (deadline ``timeout``), bringing back each job's outputs as it ends,
+    reporting the jobs and the nodes as they change, and sweeping orphans."""
     logger = get_run_logger()
     power = SlurmPower(cluster.settings, cluster.lease.cloud)
+    by_id = {j.job_id: j for j in jobs}
+    ended: dict[str, SlurmJobResult] = {}
     last: dict[str, str] = {}
+    nodes = NodeWatch(cluster.settings.node_names)
     next_sweep = [0.0]
 
-    def show(jobs: list[JobInfo]) -> None:
-        done = sum(j.state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") for j in jobs)
-        progress.report("jobs", done, len(jobs), ", ".join(f"{j.job_id} {j.state}" for j in jobs))
-        for j in jobs:
-            if last.get(j.job_id) != j.state:
+    def show(seen: list[JobInfo]) -> None:
+        progress.report("jobs", len(ended), len(seen), ", ".join(f"{j.job_id} {j.state}" for j in seen))
+        for j in seen:
+            if last.get(j.job_id) != j.state and j.job_id not in ended:
                 logger.info("job %s: %s%s", j.job_id, j.state, f" on {j.nodes}" if j.nodes else "")
-                last[j.job_id] = j.state
+            last[j.job_id] = j.state
+
+    def collect(info: JobInfo) -> None:
+        job = by_id[info.job_id]
+        copied, missing = collect_outputs(job, outputs, results / job.label)
+        ended[info.job_id] = SlurmJobResult(
+            script=str(job.script), job_id=job.job_id, state=info.state, exit_code=info.exit_code,
+            restarts=info.restarts, output=str(results / job.label / job.output.name),
+            outputs=[str(c) for c in copied], missing_outputs=missing)
+        where = f"{results / job.label}/"
+        logger.info("job %s %s: %s, restarts %d%s; output in %s", job.job_id, job.script.name, describe_end(info),
+                    info.restarts, f" on {info.nodes}" if info.nodes else "", where)
+        if missing:
+            logger.warning("job %s %s did not leave %s", job.job_id, job.script.name, ", ".join(missing))
+
+    def watch_nodes(seen: dict) -> None:
+        for level, line in nodes.see(seen):
+            logger.log(level, line)
 
     def sweep() -> None:
         if time.monotonic() >= next_sweep[0]:
@@ -110,7 +135,31 @@ def wait_for_jobs(cluster: ElasticCluster, job_ids: list[str], timeout: float, s
             for name, action in power.sweep().actions:
                 logger.warning("sweep: %s: %s", name, action)
 
-    return cluster.wait_for_jobs(job_ids, timeout=timeout, on_progress=show, every=sweep)
+    cluster.wait_for_jobs(list(by_id), timeout=timeout, on_progress=show, on_end=collect, on_nodes=watch_nodes,
+                          every=sweep)
+    return ended
+
+
+def keep_cluster_logs(directory: Path, results: Path, failed: BaseException | None) -> Path | None:
+    """Copy the power programs' log and the Slurm daemons' logs into ``results/cluster-logs``
+    (the cluster's directory is deleted next); on failure also publish their tails as an artifact."""
+    logs = [directory / "power.log", *sorted((directory / "log").glob("*.log"))]
+    logs = [p for p in logs if p.is_file()]
+    if not logs:
+        return None
+    kept = results / "cluster-logs"
+    kept.mkdir(parents=True, exist_ok=True)
+    for path in logs:
+        shutil.copyfile(path, kept / path.name)
+    if failed is not None:
+        sections = "".join(f"\n### {p.name}\n\n```\n{tail(p, 40)}\n```\n" for p in logs)
+        try:
+            create_markdown_artifact(key="slurm-cluster-logs", description="the cluster's logs when the run failed",
+                                     markdown=f"## Slurm cluster logs (run failed: {failed})\n\n"
+                                              f"Whole files kept in `{kept}`.\n{sections}")
+        except Exception as err:  # the logs are on disk: an unreachable API must not hide the run's error
+            get_run_logger().warning("could not publish the cluster logs as an artifact: %s", err)
+    return kept
 
 
 @flow(name="slurm-cluster", log_prints=True, **TEARDOWN_HOOKS)
@@ -126,6 +175,8 @@ def slurm_cluster(
     suspend_timeout: int = 30,
     resume_timeout: int = 300,
     max_hours: float = 1.0,
+    outputs: list[str] | None = None,
+    fail_on_job_failure: bool = True,
     results_dir: str = "results",
     pipeline: str = "slurm-cluster",
     budget_su: float | None = None,
@@ -147,7 +198,12 @@ def slurm_cluster(
         suspend_timeout: Seconds Slurm allows the suspend program.
         resume_timeout: Seconds Slurm allows a node to boot and register.
         max_hours: Deadline for all jobs; sets the lease expiry and the SU worst case.
-        results_dir: Local directory for the jobs' output files.
+        outputs: Files or directories each job leaves in its working directory to bring back
+            (paths relative to it, kept as given); a missing one is named, the rest still come back.
+        fail_on_job_failure: Fail the run when a job ends in another state than COMPLETED (its
+            exit code and the tail of its output in the error); False returns the states instead.
+        results_dir: Where ``<run id>/<job>/`` with each job's Slurm output and ``outputs`` go,
+            and ``<run id>/cluster-logs/`` with the power programs' and Slurm daemons' logs.
         pipeline: Pipeline name stamped on every resource.
         budget_su: Most SUs the run may spend (default: the allocation's run budget, if any); a
             watchdog meters the cluster and tears it down when the budget is spent.
@@ -161,6 +217,7 @@ def slurm_cluster(
     if not paths or missing:
         raise InvalidRequest(f"batch scripts not found: {', '.join(missing) or '(none given)'}",
                              hint="Pass existing script files in scripts=[...].")
+    wanted_outputs = check_outputs(outputs or [])
     if cloud != "local":
         raise InvalidRequest(f"slurm-cluster cannot submit on cloud {cloud!r} yet",
                              hint='Use cloud="local"; on real clouds jobs must be submitted over SSH to the head node.')
@@ -177,25 +234,23 @@ def slurm_cluster(
                 head_flavor, max_nodes, flavor, max_hours, worst_case)
     results = Path(results_dir) / owner.run_id
     lease = Lease(provider, owner, on_event=resource_event_emitter(owner, provider.name))
+    failure: BaseException | None = None
+    ended: dict[str, SlurmJobResult] = {}
     try:
         with lease, watching_budget(lease, budget_su, allocation=held_allocation, interval=budget_check_seconds):
             cluster = start_slurm_cluster(lease, plan)
             jobs = submit_scripts(cluster, paths)
-            finished = wait_for_jobs(cluster, list(jobs), timeout=max_hours * 3600)
-            results.mkdir(parents=True, exist_ok=True)
-            collected = []
-            by_id = {j.job_id: j for j in finished}
-            for (job_id, output), script in zip(jobs.items(), paths, strict=True):
-                target = results / output.name
-                if output.exists():
-                    shutil.copyfile(output, target)
-                j = by_id[job_id]
-                collected.append(SlurmJobResult(script=str(script), job_id=job_id, state=j.state,
-                                                restarts=j.restarts, output=str(target)))
+            ended = wait_for_jobs(cluster, jobs, wanted_outputs, results, timeout=max_hours * 3600)
             node_costs = cluster.node_costs()
             progress.report("teardown", 0, 1, "deleting the head node and every worker")
+    except BaseException as err:
+        failure = err
+        raise
     finally:
         metered = report_run(provider, pipeline, lease.proof, worst_case) if lease.proof is not None else []
+        kept = keep_cluster_logs(plan.directory, results, failure)
+        if failure is not None and kept:
+            logger.error("the cluster's logs (power programs, slurmctld, slurmd) are kept in %s", kept)
         shutil.rmtree(plan.directory, ignore_errors=True)
     proof = lease.proof
     progress.report("teardown", 1, 1, "clean" if proof.clean else "INCOMPLETE")
@@ -203,7 +258,20 @@ def slurm_cluster(
         logger.info("node %s (%s): %.0f s active, %.4f SU", m.name, m.flavor, m.hours_active * 3600, m.su)
     if not proof.clean:
         raise RuntimeError(proof.summary())
+    collected = [ended[j.job_id] for j in jobs]
+    failed = [j for j in collected if j.state != "COMPLETED"]
+    if failed and fail_on_job_failure:
+        raise JobsFailed("; ".join(
+            f"job {j.job_id} {Path(j.script).name} ended {j.state}"
+            + (f" with exit code {j.exit_code}" if j.exit_code is not None else "")
+            + f"; last lines of its output ({j.output}):\n{tail(Path(j.output))}" for j in failed),
+            resource=f"run {owner.run_id}",
+            hint="Fix the script (its output and outputs are in the results), or pass "
+                 "fail_on_job_failure=False to return the job states instead of failing.")
+    spent = metered or node_costs
+    logger.info("SU spent %.4f of a worst case %.2f; teardown clean: %s", sum(m.su for m in spent), worst_case,
+                proof.clean)
     return SlurmClusterResult(
-        run_id=owner.run_id, cloud=provider.name, jobs=collected, resources=proof.deleted,
-        metered=metered or node_costs, su_estimated=worst_case, su_spent=sum(m.su for m in (metered or node_costs)),
+        run_id=owner.run_id, cloud=provider.name, results_dir=str(results), jobs=collected, resources=proof.deleted,
+        metered=spent, su_estimated=worst_case, su_spent=sum(m.su for m in spent),
         teardown_clean=proof.clean, teardown_remaining=proof.remaining)

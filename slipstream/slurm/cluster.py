@@ -21,13 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slipstream.cost.accounting import MeteredServer, PlannedServers, meter_servers
-from slipstream.cloud.errors import InvalidRequest, WaitTimeout
+from slipstream.cloud.errors import CloudError, InvalidRequest, WaitTimeout
 from slipstream.cloud.models import ServerSpec
 from slipstream.cloud.waiting import wait_for_servers
 from slipstream.ownership.lease import Lease
-from slipstream.slurm.commands import FINISHED_STATES, JobInfo, Slurm
+from slipstream.jetstream2 import FLAVORS
+from slipstream.slurm.attempts import GAVE_UP
+from slipstream.slurm.commands import JobInfo, NodeInfo, Slurm
 from slipstream.slurm.config import ClusterSettings, write_cluster_files
+from slipstream.slurm.jobs import NEVER_RUNNABLE, JobCannotRun, JobTracker
 from slipstream.slurm.nodesetup import head_user_data
+
+
+class NodesGaveUp(CloudError):
+    """Every node of the cluster was given up after failed resumes; waiting cannot help."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,9 @@ class ClusterPlan:
     suspend_time: int = 300
     suspend_timeout: int = 30
     resume_timeout: int = 300
+    min_job_age: int = 300
+    max_resume_attempts: int = 3
+    resume_backoff: int = 60
     loopback: bool = True
 
 
@@ -55,23 +65,55 @@ class ElasticCluster:
 
     def wait_for_jobs(self, job_ids: Sequence[str], *, timeout: float,
                       on_progress: Callable[[list[JobInfo]], None] | None = None,
+                      on_end: Callable[[JobInfo], None] | None = None,
+                      on_nodes: Callable[[dict[str, NodeInfo]], None] | None = None,
                       every: Callable[[], None] | None = None, poll: float = 1.0) -> list[JobInfo]:
-        """Wait until every job has finished; ``every`` runs each round (the orphan sweep)."""
+        """Wait until every job has ended; returns each job's end (see :class:`JobTracker`).
+
+        Each round: ``on_end`` for each job whose end is new, ``on_progress`` with every job,
+        ``on_nodes`` with every node, ``every`` (the orphan sweep). A job that can never start
+        is cancelled and raises :class:`JobCannotRun`; when every node has been given up (see
+        :mod:`.attempts`) while jobs wait, :class:`NodesGaveUp`."""
+        tracker = JobTracker(job_ids)
         deadline = time.monotonic() + timeout
         while True:
-            jobs = {j.job_id: j for j in self.slurm.jobs()}
-            seen = [jobs.get(str(i)) or JobInfo(str(i), "UNKNOWN") for i in job_ids]
+            for job in tracker.observe(self.slurm.jobs()):
+                if on_end:
+                    on_end(job)
             if on_progress:
-                on_progress(seen)
-            if all(j.state in FINISHED_STATES for j in seen):
-                return seen
+                on_progress(tracker.jobs)
+            if tracker.done:
+                return tracker.jobs
+            if stuck := tracker.never_runnable():
+                self.slurm.cancel([j.job_id for j in stuck])
+                raise JobCannotRun(
+                    "; ".join(f"job {j.job_id} ({j.name}) can never start: Slurm says {j.reason}: "
+                              f"{NEVER_RUNNABLE[j.reason]}" for j in stuck),
+                    resource=self.settings.name, hint=f"Every node is a {self.settings.flavor} "
+                    f"({self._node_size()}); ask for less in the script's #SBATCH lines or choose a larger flavor. "
+                    "The job was cancelled.")
+            nodes = self.slurm.nodes()
+            if on_nodes:
+                on_nodes(nodes)
+            mine = [nodes[n] for n in self.settings.node_names if n in nodes]
+            if mine and all("DRAIN" in n.flags and n.reason.startswith(GAVE_UP) for n in mine):
+                raise NodesGaveUp("no node of the cluster can run the waiting jobs: " + "; ".join(
+                    f"{n.name}: {n.reason}" for n in mine), resource=self.settings.name,
+                    hint="See power.log and slurmd-<node>.log in the run's results (cluster-logs/): "
+                         "the node's VM booted but its slurmd never registered with slurmctld.")
             if time.monotonic() > deadline:
-                raise WaitTimeout(f"jobs still running after {timeout:.0f} s: "
-                                  + ", ".join(f"{j.job_id} {j.state}" for j in seen if j.state not in FINISHED_STATES),
-                                  resource=self.settings.name, hint="Give the flow a longer job deadline.")
+                raise WaitTimeout(f"jobs still running after {timeout:.0f} s (max_hours): "
+                                  + ", ".join(f"{j.job_id} {j.state}" for j in tracker.jobs
+                                              if j.job_id not in tracker.ended),
+                                  resource=self.settings.name, hint="Give the flow a larger max_hours.")
             if every:
                 every()
             time.sleep(poll)
+
+    def _node_size(self) -> str:
+        f = FLAVORS[self.settings.flavor]
+        gpus = f", {self.settings.gpus_per_node} GPU" if self.settings.gpus_per_node else ""
+        return f"{f.vcpus} CPU(s), {f.ram_mb} MB{gpus}"
 
     def node_costs(self) -> list[MeteredServer]:
         """SUs of every VM the cluster ever had (head and workers), from the ledger and the
@@ -120,7 +162,8 @@ def _settings(plan: ClusterPlan, owner, directory: Path, *, head_address: str,
         expires_at=owner.expires_at.isoformat(), directory=str(directory.resolve()), head_address=head_address,
         flavor=plan.flavor, image=plan.image, max_nodes=plan.max_nodes, loopback=plan.loopback,
         suspend_time=plan.suspend_time, suspend_timeout=plan.suspend_timeout, resume_timeout=plan.resume_timeout,
-        env=passed)
+        min_job_age=plan.min_job_age, max_resume_attempts=plan.max_resume_attempts,
+        resume_backoff=plan.resume_backoff, env=passed)
 
 
 def slurm_cluster_plan(head_flavor: str = "m3.tiny", flavor: str = "m3.tiny", max_nodes: int = 2,

@@ -3,18 +3,21 @@ that name the command, what Slurm said and what to do (as dask-jobqueue's ``_cal
 
     slurm = Slurm(Path("~/.slipstream/slurm/demo/slurm.conf"))
     slurm.hostnames("c[1-2]")                 # ['c1', 'c2']
-    slurm.nodes()                             # {"c1": NodeInfo(...), ...} from scontrol show node -o
+    slurm.nodes()                             # {"c1": NodeInfo(...), ...} from sinfo --json
     slurm.update_node(["c1"], NodeAddr="127.64.0.7", Comment="instance=...")
     job = slurm.sbatch(Path("job.sh"), partition="cloud", output=Path("out.txt"))
 
 Arguments are passed as an argument vector, never through a shell; ``SLURM_CONF`` selects the
-cluster, so nothing is ever read from or written to /etc/slurm.
+cluster, so nothing is ever read from or written to /etc/slurm. Jobs and nodes are read from
+Slurm's JSON (``squeue --json``, ``sinfo --json``; Debian's 22.05 ``scontrol`` has no ``--json``),
+never by splitting ``Key=Value`` text, in which a job's ``--comment "x JobState=COMPLETED"`` or a
+node's Reason could pose as another field.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,11 +58,11 @@ def _call(argv: Sequence[str], *, conf: Path | None = None, timeout: float = 30.
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """One node as slurmctld sees it (``scontrol show node -o``)."""
+    """One node as slurmctld sees it (an entry of ``sinfo --json``)."""
 
     name: str
     state: str                      # base state: IDLE, ALLOCATED, MIXED, DOWN, ...
-    flags: frozenset[str] = field(default_factory=frozenset)   # CLOUD, POWERED_DOWN, POWERING_UP, ...
+    flags: frozenset[str] = field(default_factory=frozenset)   # CLOUD, POWERED_DOWN, POWERING_UP, DRAIN, ...
     address: str = ""
     comment: str = ""
     reason: str = ""
@@ -71,36 +74,62 @@ class NodeInfo:
         return self.comment[len(prefix):] if self.comment.startswith(prefix) else None
 
 
-@dataclass(frozen=True)
-class JobInfo:
-    job_id: str
-    state: str                      # PENDING, CONFIGURING, RUNNING, COMPLETED, FAILED, ...
-    nodes: str = ""
-    reason: str = ""
-    restarts: int = 0
-    exit_code: str = ""
-
-
 #: Job states after which a job will not run again by itself.
 FINISHED_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                              "BOOT_FAIL", "DEADLINE", "PREEMPTED"})
 
 
-# "Key=Value Key=Value ..." where a value may hold spaces (Reason=..., Comment=...): a key is a
-# capitalised word at the start or after a space, followed by "=".
-_KEY = re.compile(r"(?:^| )([A-Z][A-Za-z0-9:_/]*)=")
+@dataclass(frozen=True)
+class JobInfo:
+    """One job as slurmctld sees it (an entry of ``squeue --json``)."""
+
+    job_id: str
+    state: str                      # PENDING, CONFIGURING, RUNNING, COMPLETED, FAILED, ...
+    nodes: str = ""
+    reason: str = ""                # Slurm's pending or failure reason: Resources, PartitionConfig, ...
+    restarts: int = 0
+    exit_code: int | None = None    # the batch script's exit status, once it ended
+    signal: int | None = None       # the signal that ended it, if one did
+    name: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
 
 
-def parse_record(line: str) -> dict[str, str]:
-    """One line of ``scontrol show node|job -o`` as {key: value}."""
-    marks = list(_KEY.finditer(line.strip()))
-    text = line.strip()
-    return {m.group(1): text[m.end():(marks[i + 1].start() if i + 1 < len(marks) else len(text))].strip()
-            for i, m in enumerate(marks)}
+def _json(text: str, command: str) -> dict:
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise SlurmCommandError(f"`{command}` answered something that is not JSON: {err}",
+                                hint="This needs Slurm 22.05 or newer with its serializer/json plugin.") from None
+    if data.get("errors"):
+        raise SlurmCommandError(f"`{command}` reported errors: {data['errors']}",
+                                hint="Check the head node's slurmctld.log.")
+    return data
 
 
-def _value(raw: str | None) -> str:
-    return "" if raw in (None, "(null)", "None") else raw
+def _text(raw: object) -> str:
+    return "" if raw in (None, "(null)", "None") else str(raw)
+
+
+def job_from_json(entry: dict) -> JobInfo:
+    """A ``squeue --json`` job. Every field comes from its own JSON key: nothing a job controls
+    (its comment, name or output path) can pose as another field."""
+    state = _text(entry.get("job_state")).upper()
+    status = entry.get("exit_code")  # the wait(2) status word of the batch script
+    ended = state in FINISHED_STATES and isinstance(status, int)
+    return JobInfo(str(entry["job_id"]), state, _text(entry.get("nodes")), _text(entry.get("state_reason")),
+                   int(entry.get("restart_cnt") or 0),
+                   exit_code=(status >> 8) & 0xFF if ended else None,
+                   signal=((status & 0x7F) or None) if ended else None, name=_text(entry.get("name")))
+
+
+def node_from_json(entry: dict) -> NodeInfo:
+    """A ``sinfo --json`` node (its Reason and Comment cannot overwrite its address)."""
+    return NodeInfo(_text(entry["name"]), _text(entry.get("state")).upper(),
+                    frozenset(str(f).upper() for f in entry.get("state_flags") or ()),
+                    _text(entry.get("address")), _text(entry.get("comment")), _text(entry.get("reason")))
 
 
 class Slurm:
@@ -112,11 +141,6 @@ class Slurm:
 
     def run(self, *argv: str, timeout: float | None = None) -> str:
         return _call(argv, conf=self.conf, timeout=timeout or self.timeout)
-
-    def _records(self, *argv: str) -> list[dict[str, str]]:
-        """``scontrol show <x> -o``: one record per line, as {key: value}."""
-        out = self.run(*argv)
-        return [parse_record(line) for line in out.splitlines() if "=" in line]
 
     def ping(self) -> bool:
         """Does slurmctld answer?"""
@@ -130,21 +154,19 @@ class Slurm:
         return self.run("scontrol", "show", "hostnames", hostlist).split()
 
     def nodes(self) -> dict[str, NodeInfo]:
-        found = {}
-        for n in self._records("scontrol", "show", "node", "-o"):
-            base, *flags = n.get("State", "").upper().split("+")
-            found[n["NodeName"]] = NodeInfo(n["NodeName"], base, frozenset(flags), _value(n.get("NodeAddr")),
-                                            _value(n.get("Comment")), _value(n.get("Reason")))
-        return found
+        """Every node by name (``sinfo --json``; a node in two partitions is listed twice)."""
+        data = _json(self.run("sinfo", "--json"), "sinfo --json")
+        return {n.name: n for n in map(node_from_json, data.get("nodes") or ())}
 
     def update_node(self, names: Sequence[str], **fields: str) -> None:
         """``scontrol update NodeName=a,b Key=Value ...`` (values are single argv items: no shell)."""
         self.run("scontrol", "update", f"NodeName={','.join(names)}", *(f"{k}={v}" for k, v in fields.items()))
 
     def jobs(self) -> list[JobInfo]:
-        return [JobInfo(j["JobId"], j.get("JobState", "").upper(), _value(j.get("NodeList")),
-                        _value(j.get("Reason")), int(j.get("Restarts") or 0), j.get("ExitCode", ""))
-                for j in self._records("scontrol", "show", "job", "-o")]
+        """Every job slurmctld still knows: pending, running, and finished ones until
+        ``MinJobAge`` seconds after their end (``squeue --json`` ignores state filters)."""
+        data = _json(self.run("squeue", "--json"), "squeue --json")
+        return [job_from_json(j) for j in data.get("jobs") or ()]
 
     def job(self, job_id: str) -> JobInfo | None:
         return next((j for j in self.jobs() if j.job_id == str(job_id)), None)
@@ -154,7 +176,7 @@ class Slurm:
         wanted = set(names)
         out = []
         for job in self.jobs():
-            if job.state in FINISHED_STATES or not job.nodes:
+            if job.finished or not job.nodes:
                 continue
             if wanted & set(self.hostnames(job.nodes)):
                 out.append(job)
@@ -163,6 +185,10 @@ class Slurm:
     def requeue(self, job_ids: Sequence[str]) -> None:
         if job_ids:
             self.run("scontrol", "requeue", ",".join(job_ids))
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        if job_ids:
+            self.run("scancel", *job_ids)
 
     def sbatch(self, script: Path, *, partition: str | None = None, output: Path | None = None,
                workdir: Path | None = None, job_name: str | None = None) -> str:

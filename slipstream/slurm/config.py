@@ -21,6 +21,7 @@ hostname, in a UTS namespace of its own, set to that address), the workers share
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,9 @@ class ClusterSettings:
     suspend_time: int = 300         # idle seconds before a node is deleted
     suspend_timeout: int = 30
     resume_timeout: int = 300
+    min_job_age: int = 300          # seconds slurmctld keeps a finished job (tests compress it)
+    max_resume_attempts: int = 3    # failed resumes of a node before it is drained for good
+    resume_backoff: int = 60        # seconds after a failed resume before the node may boot again (doubling)
     boot_timeout: float = 240.0     # how long resume waits for the VMs to be ACTIVE
     env: dict[str, str] = field(default_factory=dict)  # exported to the power programs
 
@@ -70,7 +74,9 @@ class ClusterSettings:
         if not 1 <= self.max_nodes <= 1000:
             raise InvalidRequest(f"max_nodes must be 1..1000, got {self.max_nodes}",
                                  hint="Give the largest number of worker nodes the cluster may hold.")
-        for key in ("suspend_time", "suspend_timeout", "resume_timeout"):
+        if self.min_job_age < 2:  # slurmctld's own minimum
+            raise InvalidRequest(f"min_job_age must be at least 2 seconds, got {self.min_job_age}")
+        for key in ("suspend_time", "suspend_timeout", "resume_timeout", "max_resume_attempts"):
             if getattr(self, key) < 1:
                 raise InvalidRequest(f"{key} must be at least 1 second", hint=f"Set {key} in seconds.")
 
@@ -86,6 +92,11 @@ class ClusterSettings:
     @property
     def settings_path(self) -> Path:
         return self.dir / "cluster.json"
+
+    @property
+    def gpus_per_node(self) -> int:
+        """GPUs a node's VM sees: one vGPU slice (g3.small … g3.large) or whole A100s."""
+        return math.ceil(FLAVORS[self.flavor].gpus)
 
     @property
     def munge_socket(self) -> Path:
@@ -155,7 +166,7 @@ def render_slurm_conf(s: ClusterSettings) -> str:
         "ReturnToService=2",
         "SchedulerType=sched/backfill",
         "KillWait=5",
-        "MinJobAge=300",
+        f"MinJobAge={s.min_job_age}",
         "SlurmdTimeout=60",
         "TreeWidth=65533",           # slurmctld talks to every cloud node directly
         "PrivateData=cloud",         # else powered-down cloud nodes are hidden from sinfo/scontrol
@@ -169,7 +180,9 @@ def render_slurm_conf(s: ClusterSettings) -> str:
         "ResumeRate=0",
         "SuspendRate=0",
         "SlurmctldParameters=idle_on_node_suspend",
+        *(["GresTypes=gpu"] if s.gpus_per_node else []),
         f"NodeName={s.hostlist} CPUs={flavor.vcpus} RealMemory={flavor.ram_mb} State=CLOUD Port={ports}"
+        + (f" Gres=gpu:{s.gpus_per_node}" if s.gpus_per_node else "")
         + (f" NodeAddr={','.join([PARKED_ADDRESS] * s.max_nodes)}" if s.loopback else ""),
         f"PartitionName={PARTITION} Nodes={s.hostlist} Default=YES MaxTime=INFINITE State=UP",
     ]
@@ -181,6 +194,16 @@ def render_slurm_conf(s: ClusterSettings) -> str:
             "SlurmdParameters=config_overrides",
         ]
     return "\n".join(lines) + "\n"
+
+
+def render_gres_conf(s: ClusterSettings) -> str:
+    """``gres.conf`` (next to slurm.conf, where slurmd looks): the GPUs of a GPU flavour's nodes.
+    A real VM's GPUs are /dev/nvidia0…; a local-cloud node has none to bind, only the count."""
+    n = s.gpus_per_node
+    if not n:
+        return ""
+    devices = "Count=" + str(n) if s.loopback else "File=/dev/nvidia" + (f"[0-{n - 1}]" if n > 1 else "0")
+    return f"# Rendered by slipstream for cluster {s.name}\nNodeName={s.hostlist} Name=gpu {devices}\n"
 
 
 def write_cluster_files(s: ClusterSettings) -> Path:
@@ -202,6 +225,8 @@ def write_cluster_files(s: ClusterSettings) -> Path:
         path.write_text(f"#!/bin/sh\n# slurmctld's {action} program for cluster {s.name} (slipstream)\n"
                         f"{exports}exec {shlex.quote(sys.executable)} -m slipstream.cli slurm {action} \"$1\"\n")
         path.chmod(0o755)
+    if gres := render_gres_conf(s):
+        (s.dir / "gres.conf").write_text(gres)
     tmp = s.conf_path.with_suffix(".tmp")
     tmp.write_text(render_slurm_conf(s))
     tmp.replace(s.conf_path)  # the head node waits for this file: it must appear whole

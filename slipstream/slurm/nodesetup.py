@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import shlex
 
-from slipstream.slurm.config import ClusterSettings, render_slurm_conf
+from slipstream.slurm.config import ClusterSettings, render_gres_conf, render_slurm_conf
 
 _WAIT = """\
 wait_for() {  # wait_for <test> <path> <what>: at most 60 s
@@ -91,6 +91,7 @@ def _files(s: ClusterSettings, munge_key_b64: str) -> str:
     conf = base64.b64encode(render_slurm_conf(s).encode()).decode()
     return (f"mkdir -p /etc/slurm /etc/munge {shlex.quote(str(s.dir))}/log {shlex.quote(str(s.dir))}/spool\n"
             f"echo {conf} | base64 -d > /etc/slurm/slurm.conf\n"
+            f"echo {base64.b64encode(render_gres_conf(s).encode()).decode()} | base64 -d > /etc/slurm/gres.conf\n"
             f"echo {munge_key_b64} | base64 -d > /etc/munge/munge.key\n"
             "chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key\n"
             "systemctl enable --now munge\n")

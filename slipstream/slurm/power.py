@@ -7,10 +7,14 @@ slurmctld calls them with a hostlist (``c-[1-3]``) through the cluster's ``bin/`
   (resume is idempotent), creates every missing node of the call in ONE batch owned by the
   cluster's run (through a :class:`~slipstream.ownership.lease.Lease`, so each VM is in the ledger before
   the call is sent), waits for them, and records each VM in Slurm: ``NodeAddr=<VM address>
-  Comment=instance=<id>``. All or nothing: on any failure it deletes what it created, requeues the
-  nodes' jobs, powers the nodes down with the reason (slurmctld logs it) and raises.
+  Comment=instance=<id>``. Against a quota it creates what fits (halving the batch after each
+  "Quota exceeded") and powers the rest down with the quota's message as their Reason, their jobs
+  requeued, for Slurm's next resume. On any other failure it deletes what it created, requeues
+  the nodes' jobs, powers the nodes down with the reason (slurmctld logs it) and raises. Nodes
+  that failed to resume before are held back (see :mod:`.attempts`).
 - :meth:`SlurmPower.suspend` — deletes the nodes' VMs and meters what each one cost.
-- :meth:`SlurmPower.resume_fail` — the same, and powers the nodes down so they can be used again.
+- :meth:`SlurmPower.resume_fail` — the same, counts the failure, and powers the nodes down: to
+  be used again after a back-off, or drained for good after ``max_resume_attempts``.
 - :meth:`SlurmPower.sweep` — a :class:`~slipstream.scaling.reconciler.ReconcileTable` from
   (what Slurm says, what the cloud has) to an action: VMs without a powered-up node are
   deleted, nodes that claim to be up without a VM are powered down (their jobs requeued).
@@ -24,7 +28,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from slipstream.cost.accounting import MeteredServer, meter_servers
-from slipstream.cloud.errors import CloudError, InvalidRequest
+from slipstream.cloud.errors import CloudError, InvalidRequest, QuotaExceeded
 from slipstream.cloud.models import Server, ServerSpec, ServerStatus, check_name
 from slipstream.cloud.port import CloudProvider
 from slipstream.cloud.waiting import wait_for_servers
@@ -32,6 +36,7 @@ from slipstream.ownership.lease import Lease, ResourceKind
 from slipstream.ownership.ledger import Ledger
 from slipstream.retry import retry
 from slipstream.scaling.reconciler import ReconcileTable
+from slipstream.slurm.attempts import GAVE_UP, ResumeAttempts
 from slipstream.slurm.commands import Slurm
 from slipstream.slurm.config import ClusterSettings
 from slipstream.slurm.hostlist import expand
@@ -159,6 +164,8 @@ class SlurmPower:
         self.cloud = cloud
         self.slurm = slurm or Slurm(settings.conf_path)
         self.lease = Lease(cloud, settings.owner, ledger=ledger)  # never entered: VMs outlive a call
+        self.attempts = ResumeAttempts(settings.dir / "resume-failures.json",
+                                       max_attempts=settings.max_resume_attempts, backoff=settings.resume_backoff)
 
     # helpers -----------------------------------------------------------------------------------
     def nodes_in(self, hostlist: str) -> list[str]:
@@ -179,13 +186,21 @@ class SlurmPower:
     def resume(self, hostlist: str) -> list[Server]:
         names = self.nodes_in(hostlist)  # before anything is created
         s = self.settings
+        for name, reason in self.attempts.holding(names, s.resume_timeout).items():
+            log.warning("node %s not resumed: %s", name, reason)
+            self._hold_back(name, reason)
+            names.remove(name)
+        if not names:
+            return []
         started = time.monotonic()
         created: list[Server] = []
+        blocked: dict[str, str] = {}
         try:
             # Transient cloud errors are retried (each attempt adopts what an earlier one made).
-            wanted = retry(lambda: self._ensure_vms(names, created), on_retry=lambda n, err, d: log.warning(
+            wanted = retry(lambda: self._ensure_vms(names, created, blocked), on_retry=lambda n, err, d: log.warning(
                 "creating VMs for %s failed (attempt %d), retrying in %.1f s: %s", hostlist, n, d, err))
-            ready = wait_for_servers(self.cloud, s.run_id, [wanted[n] for n in names], timeout=s.boot_timeout)
+            ready = wait_for_servers(self.cloud, s.run_id, [wanted[n] for n in names if n in wanted],
+                                     timeout=s.boot_timeout) if wanted else []
             for vm in ready:
                 addr = vm.address or vm.reachable_address
                 self.slurm.update_node([vm.name], NodeAddr=addr, NodeHostname=addr if s.loopback else vm.name,
@@ -196,12 +211,19 @@ class SlurmPower:
             raise ResumeFailed(f"resume of {hostlist} failed: {err}", resource=s.name, cloud=self.cloud.name,
                                hint="The nodes were powered down and their jobs requeued; Slurm will "
                                     "try again when the jobs are scheduled.") from err
-        log.info("resumed %s in %.1f s", hostlist, time.monotonic() - started)
+        if blocked:
+            quota = next(iter(blocked.values()))
+            log.warning("the quota blocks %s (%s); powering them down for Slurm's next resume",
+                        ", ".join(blocked), quota)
+            self.power_down(list(blocked), f"slipstream: the cloud's quota blocks this node: {quota}; "
+                                           "Slurm resumes it again when its jobs are scheduled")
+        log.info("resumed %s in %.1f s", ",".join(v.name for v in ready) or "nothing", time.monotonic() - started)
         return ready
 
-    def _ensure_vms(self, names: list[str], created: list[Server]) -> dict[str, str]:
-        """{node: VM id} for ``names``: existing VMs adopted, the missing ones created in one batch
-        (appended to ``created``)."""
+    def _ensure_vms(self, names: list[str], created: list[Server], blocked: dict[str, str]) -> dict[str, str]:
+        """{node: VM id} for ``names``: existing VMs adopted, the missing ones created in as few
+        batches as the quota allows (appended to ``created``); nodes the quota blocks go to
+        ``blocked`` with the cloud's message."""
         s = self.settings
         vms = self._vms()
         for name in names:  # a leftover of an earlier, timed-out resume is replaced
@@ -213,15 +235,34 @@ class SlurmPower:
         adopted = [vms[n] for n in names if n in vms]
         if adopted:
             log.info("adopting existing VMs of %s (resume is idempotent)", ", ".join(v.name for v in adopted))
+        blocked.clear()
         missing = [n for n in names if n not in vms]
-        if missing:
-            batch = NodeBatch(missing[0], s.flavor, s.image, count=len(missing), names=tuple(missing),
-                              user_data=worker_user_data(s), metadata={"slurm_cluster": s.name})
-            made = self.lease.create_servers(batch)
+        size = len(missing)
+        while missing:
+            batch = missing[:size]
+            try:
+                made = self.lease.create_servers(NodeBatch(
+                    batch[0], s.flavor, s.image, count=len(batch), names=tuple(batch),
+                    user_data=worker_user_data(s), metadata={"slurm_cluster": s.name}))
+            except QuotaExceeded as err:
+                if size > 1:  # Nova refuses a whole batch over quota: try half of it
+                    log.warning("a batch of %d VM(s) is over the quota (%s); trying %d", size, _short(err), size // 2)
+                    size //= 2
+                    continue
+                blocked.update({n: _short(err) for n in missing})
+                break
             created += made
             self.lease.ledger.record_server_flavors(self.cloud.name, {v.id: v.flavor for v in made})
-            log.info("created %d VM(s) in one batch for %s", len(made), ", ".join(missing))
+            log.info("created %d VM(s) in one batch for %s", len(made), ", ".join(batch))
+            missing = missing[len(batch):]
         return {v.name: v.id for v in [*adopted, *created] if v.name in names}
+
+    def _hold_back(self, name: str, reason: str) -> None:
+        """Keep a node that failed to resume from booting now: power it down again (its jobs go back
+        to the queue, to another node if one can take them); a given-up node is drained too."""
+        self.power_down([name], reason)
+        if reason.startswith(GAVE_UP):
+            self._drain_once_powered_down(name, reason)
 
     def _undo_resume(self, names: list[str], created: list[Server], err: Exception) -> None:
         log.error("resume of %s failed: %s; deleting %d new VM(s) and powering the nodes down",
@@ -251,10 +292,29 @@ class SlurmPower:
         return self._delete_vms(names, why="suspended")
 
     def resume_fail(self, hostlist: str) -> list[MeteredServer]:
+        """slurmctld gave up waiting for the nodes (``ResumeTimeout``): delete their VMs, count the
+        failure, and power them down, backing off or drained (see :mod:`.attempts`)."""
         names = self.nodes_in(hostlist)
         metered = self._delete_vms(names, why="failed to resume")
-        self.power_down(names, "slipstream: resume timed out (ResumeFailProgram)")
+        why = f"its slurmd did not register within ResumeTimeout={self.settings.resume_timeout} s"
+        for name in names:
+            attempts = self.attempts.failed(name, why)
+            reason = self.attempts.reason(name, attempts, self.settings.resume_timeout)
+            log.error("node %s: %s", name, reason)
+            self._hold_back(name, reason)
         return metered
+
+    def _drain_once_powered_down(self, name: str, reason: str) -> None:
+        """DRAIN a node after its power-down: with ``idle_on_node_suspend`` the power-down itself
+        clears a DRAIN set earlier (seen on 22.05), and a drained node is never resumed."""
+        deadline = time.monotonic() + self.settings.suspend_timeout + 30
+        while time.monotonic() < deadline:
+            node = self.slurm.nodes().get(name)
+            if node is None or "POWERED_DOWN" in node.flags:
+                break
+            time.sleep(0.5)
+        self.slurm.update_node([name], State="DRAIN", Reason=reason[:200])
+        log.error("node %s drained: %s", name, reason)
 
     def _delete_vms(self, names: list[str], why: str) -> list[MeteredServer]:
         vms = self._vms()

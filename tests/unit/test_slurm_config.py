@@ -91,3 +91,22 @@ def test_a_real_worker_takes_its_node_name_only_once_the_resume_has_renamed_it(t
     else:
         assert done.returncode == 1 and f"no node name of this cluster from the metadata service (last: {nova_name})" \
             in done.stderr
+
+
+def test_a_gpu_flavour_makes_its_gpus_schedulable_and_cpu_flavours_have_none(tmp_path):
+    from slipstream.slurm.config import render_gres_conf
+
+    gpu = _settings(tmp_path, flavor="g3.small")
+    text = render_slurm_conf(gpu)
+    assert "GresTypes=gpu" in text and " Gres=gpu:1 " in text
+    assert render_gres_conf(gpu).splitlines()[-1] == "NodeName=demo-[1-3] Name=gpu Count=1"
+    assert "File=/dev/nvidia0" in render_gres_conf(_settings(tmp_path, flavor="g3.xl", loopback=False))
+    cpu = _settings(tmp_path)
+    assert "Gres" not in render_slurm_conf(cpu) and render_gres_conf(cpu) == ""
+
+
+def test_min_job_age_is_rendered_and_slurms_minimum_enforced(tmp_path):
+    assert _conf(render_slurm_conf(_settings(tmp_path)))["MinJobAge"] == "300"
+    assert _conf(render_slurm_conf(_settings(tmp_path, min_job_age=2)))["MinJobAge"] == "2"
+    with pytest.raises(Exception, match="min_job_age must be at least 2"):
+        _settings(tmp_path, min_job_age=1)

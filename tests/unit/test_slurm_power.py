@@ -12,7 +12,7 @@ import pytest
 
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Server, ServerStatus
-from slipstream.slurm.commands import NodeInfo, Slurm, SlurmCommandError, _call, parse_record
+from slipstream.slurm.commands import Slurm, SlurmCommandError, _call, job_from_json, node_from_json
 from slipstream.slurm.config import ClusterSettings, write_cluster_files
 from slipstream.slurm.hostlist import check_hostlist, expand
 from slipstream.slurm.power import SWEEP_TABLE, NodeBatch, NodeView, SlurmSide, SweepAction, VmSide, slurm_side
@@ -52,13 +52,21 @@ def test_a_failing_slurm_command_says_what_ran_and_what_to_do(tmp_path):
         _call(["no-such-slurm-command"])
 
 
-def test_scontrol_records_keep_values_with_spaces():
-    line = ("NodeName=c-1 Arch=x86_64 CoresPerSocket=1 NodeAddr=127.64.0.7 State=IDLE+CLOUD+POWERED_DOWN "
-            "Comment=instance=abc Reason=slipstream resume failed: 503 x=y [root@2026-11-29T05:59:07]")
-    rec = parse_record(line)
-    assert rec["NodeAddr"] == "127.64.0.7" and rec["State"] == "IDLE+CLOUD+POWERED_DOWN"
-    assert rec["Comment"] == "instance=abc" and rec["Reason"].startswith("slipstream resume failed: 503 x=y")
-    assert NodeInfo("c-1", "IDLE", comment=rec["Comment"]).instance_id == "abc"
+def test_job_and_node_fields_come_from_their_own_json_keys_never_from_free_text():
+    """A job's comment or a node's Reason that looks like other fields changes nothing (issue 17.12);
+    the entries are shaped as Debian's 22.05 ``squeue --json`` / ``sinfo --json`` print them."""
+    job = job_from_json({"job_id": 7, "job_state": "RUNNING", "comment": "x JobState=COMPLETED ExitCode=0:0",
+                         "name": "a JobState=COMPLETED", "nodes": "c-1", "state_reason": "None",
+                         "restart_cnt": 0, "exit_code": 0})
+    assert job.state == "RUNNING" and not job.finished and job.exit_code is None
+    failed = job_from_json({"job_id": 8, "job_state": "FAILED", "exit_code": 4 << 8, "state_reason": "NonZeroExitCode"})
+    assert (failed.exit_code, failed.signal) == (4, None)
+    killed = job_from_json({"job_id": 9, "job_state": "FAILED", "exit_code": 9})
+    assert killed.signal == 9
+    node = node_from_json({"name": "c-1", "state": "idle", "state_flags": ["CLOUD", "POWERED_DOWN"],
+                           "address": "127.64.0.7", "comment": "instance=abc",
+                           "reason": "x NodeAddr=10.0.0.66 Comment=instance=evil"})
+    assert node.address == "127.64.0.7" and node.instance_id == "abc" and node.flags == {"CLOUD", "POWERED_DOWN"}
 
 
 def test_power_flags_map_to_the_sweep_view():
