@@ -1,5 +1,9 @@
 """The one retry policy: exponential backoff with jitter, for transient cloud failures only.
 
+A cloud that says how long to wait (HTTP ``Retry-After`` on a 429/503, carried as
+:attr:`TransientError.retry_after`) is obeyed: the pause is never shorter than it asked
+(:func:`pause_for`, which waits in ``slipstream.cloud.waiting`` use too).
+
 Quota, capacity and bad-request errors are never retried here: repeating them spends time and,
 on a real cloud, API rate limit, without any chance of success.
 """
@@ -34,6 +38,15 @@ class RetryPolicy:
 
 DEFAULT_RETRY = RetryPolicy()
 
+#: The longest pause a ``Retry-After`` header can impose (a broken balancer may say an hour).
+MAX_RETRY_AFTER = 60.0
+
+
+def pause_for(err: BaseException, planned: float) -> float:
+    """The pause before trying again after ``err``: ``planned``, or longer when the cloud asked."""
+    asked = getattr(err, "retry_after", None) or 0.0
+    return max(planned, min(float(asked), MAX_RETRY_AFTER))
+
 
 def retry(
     fn: Callable[[], T],
@@ -52,7 +65,7 @@ def retry(
         except retry_on as err:
             if attempt == policy.attempts:
                 raise
-            delay = delays[attempt - 1]
+            delay = pause_for(err, delays[attempt - 1])
             if on_retry:
                 on_retry(attempt, err, delay)
             sleep(delay)
