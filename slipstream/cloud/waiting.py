@@ -27,7 +27,7 @@ from slipstream.cloud.errors import (
 )
 from slipstream.cloud.models import Server, ServerStatus
 from slipstream.cloud.port import CloudProvider
-from slipstream.retry import pause_for
+from slipstream.retry import pause_for, within
 
 log = logging.getLogger("slipstream.waiting")
 T = TypeVar("T")
@@ -74,7 +74,8 @@ def observe(
     """
     while True:
         try:
-            return read()
+            with within(time.monotonic() + max(0.0, deadline - clock())):
+                return read()
         except TransientError as err:
             left = deadline - clock()
             if left <= 0:

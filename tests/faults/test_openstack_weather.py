@@ -32,7 +32,7 @@ from openstack_lab import (  # noqa: F401  (the fixtures register themselves by 
 )
 from support import owner as new_owner
 
-from slipstream.cloud.errors import CapacityError, QuotaExceeded
+from slipstream.cloud.errors import CapacityError, InvalidRequest, QuotaExceeded
 from slipstream.cloud.fallback import Candidate, create_with_fallback
 from slipstream.cloud.models import ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
@@ -293,3 +293,30 @@ def test_fallback_to_a_region_without_the_key_imports_the_runs_key_there(lab_clo
         assert "keypair" in {d.kind.value for d in there.proof.deleted}
     finally:
         other.reset()
+
+
+def test_fallback_to_a_region_without_the_security_group_is_refused_before_anything_is_tried(
+        lab_cloud, owner, tiny, tmp_path):
+    """Security groups belong to one region: a spec naming one the lab lacks is refused up front,
+    before the first region is even tried — not after its capacity ran out."""
+    local = pytest.importorskip("slipstream.cloud.local")
+    first = local.LocalCloud(options=local.LocalCloudOptions(
+        home=tmp_path / "first-region", boot_delay=0.2, stop_grace=0.5,
+        faults=local.FaultOptions(no_capacity=("g3.large",))))
+    missing = f"only-in-another-region-{uuid.uuid4().hex[:8]}"
+    ledger = Ledger(tmp_path / "l.db")
+    try:
+        with Lease(first, owner, ledger=ledger) as there, \
+                Lease(lab_cloud, owner, ledger=ledger, delete_timeout=120) as here:
+            with pytest.raises(InvalidRequest) as caught:
+                create_with_fallback(
+                    ServerSpec("grouped", "g3.large", DEFAULT_IMAGE, security_groups=(missing,)),
+                    [Candidate(there, "g3.large"), Candidate(here, tiny)],
+                    boot_timeout=120, poll_interval=0.5)
+        text = str(caught.value)
+        assert f"cannot fall back to {lab_cloud.name}" in text and missing in text
+        assert "belong to one region" in text
+        assert first.server_history(owner.run_id) == [], "nothing was tried before the refusal"
+        assert there.proof.clean and here.proof.clean
+    finally:
+        first.reset()

@@ -253,6 +253,24 @@ def test_retries_wait_as_long_as_the_cloud_asked_and_no_longer_than_the_cap():
     assert pauses[0] == 7.0 and pauses[1] == MAX_RETRY_AFTER and pauses[2] <= 0.2
 
 
+def test_a_wait_is_not_held_past_its_deadline_by_the_retries_inside_its_poll():
+    """A poll's own read retry obeys Retry-After, but never beyond the wait's deadline."""
+    import time
+
+    from slipstream.cloud.waiting import observe
+    from slipstream.retry import retry
+
+    def listing():  # what a listing does: its read retry around one request
+        def request():
+            raise TransientError("503", retry_after=30)
+        return retry(request)
+
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout, match="kept failing"):
+        observe(listing, deadline=time.monotonic() + 0.5, poll_interval=0.1, what="waiting")
+    assert time.monotonic() - started < 3
+
+
 def test_the_seam_keeps_the_sdk_error_as_cause_and_passes_ours_through():
     original = sdk_error(404, {"itemNotFound": {"message": "gone"}})
     with (
