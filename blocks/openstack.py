@@ -20,21 +20,19 @@ Save one in the UI (Blocks → "OpenStack Credentials") or in code, then name it
 
 The block only turns its fields into arguments for :func:`slipstream.cloud.openstack.connect`,
 which signs in at once and explains Jetstream2's usual credential mistakes (leftover ``OS_*``
-variables, an expired credential, a region the allocation has no access to).
+variables, an expired credential, a region the allocation has no access to). With a ``cloud``,
+everything comes from clouds.yaml except the fields set here (``region``, ``api_timeout``); with
+an application credential, only these fields count — no clouds.yaml, no ``OS_*`` variables.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
-
 from prefect.blocks.core import Block
 from pydantic import Field, PrivateAttr, SecretStr, model_validator
 
 from slipstream.cloud.openstack import OpenStackCloud, connect
-from slipstream.jetstream2 import AUTH_URL, DEFAULT_REGION, EXTERNAL_NETWORK
-
-Region = Literal["IU", "ASU", "Cornell", "TACC", "UH"]
+from slipstream.jetstream2 import AUTH_URL, EXTERNAL_NETWORK
 
 
 class OpenStackCredentials(Block):
@@ -70,13 +68,21 @@ class OpenStackCredentials(Block):
         default=None,
         description="Application credential secret. Shown once by Horizon when you create it.",
     )
-    region: Region = Field(
-        default=DEFAULT_REGION,
-        description="Jetstream2 region. Allocations get IU; the others are by request.",
+    region: str | None = Field(
+        default=None,
+        description="Region, as the project's catalogue names it (Jetstream2: IU, ASU, Cornell, "
+        "TACC, UH; elsewhere e.g. RegionOne). Empty: the clouds.yaml cloud's region, else IU "
+        "when the catalogue offers it, else the catalogue's only region.",
     )
     external_network: str = Field(
         default=EXTERNAL_NETWORK,
         description="Network that floating IPs come from (Jetstream2: public).",
+    )
+    api_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds any one request to the cloud may take before it counts as failed "
+        "(and is retried). Empty: clouds.yaml's api_timeout, else 60.",
     )
     exosphere_metadata: bool = Field(
         default=True,
@@ -113,7 +119,8 @@ class OpenStackCredentials(Block):
     def connect_arguments(self) -> dict:
         """The arguments :func:`connect` gets (the secret as plain text: keep this private)."""
         common = {
-            "region": self.region,
+            "region": self.region or None,
+            "api_timeout": self.api_timeout,
             "external_network": self.external_network,
             "exosphere_metadata": None if self.exosphere_metadata else False,
         }

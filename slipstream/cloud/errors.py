@@ -47,7 +47,12 @@ class CloudError(Exception):
 
 
 class TransientError(CloudError):
-    """A failure that may go away on its own: retry with backoff."""
+    """A failure that may go away on its own: retry with backoff. ``retry_after`` is how many
+    seconds the cloud asked to wait (its ``Retry-After`` header), when it said."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, **kwargs)
 
 
 class QuotaExceeded(CloudError):

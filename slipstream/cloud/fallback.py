@@ -15,7 +15,11 @@ may have room. :func:`create_with_fallback` tries each :class:`Candidate` in tur
         print(result.candidate.label, [s.address for s in result.servers])
 
 Only capacity failures fall through to the next candidate; quota, bad requests, other ERRORs
-and timeouts are raised at once (another flavour would not fix them).
+and timeouts are raised at once (another flavour would not fix them). Capacity includes Nova's
+"Exceeded maximum number of retries" (every host it tried failed the build, the usual end of a
+vGPU claim). Before anything is tried, each region must have what the spec names: the run's
+keypair is imported where it is missing (owned by that region's lease), other missing keypairs,
+security groups or networks are refused with the region named.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from slipstream.cloud.errors import CapacityError, InvalidRequest, WaitTimeout
-from slipstream.cloud.models import Server, ServerSpec, ServerStatus
-from slipstream.cloud.waiting import wait_for_servers
+from slipstream.cloud.errors import CapacityError, InvalidRequest
+from slipstream.cloud.models import Keypair, Server, ServerSpec, ServerStatus
+from slipstream.cloud.waiting import wait_for_servers, wait_until_gone
 from slipstream.ownership.lease import Lease, ResourceKind
 
 log = logging.getLogger("slipstream.fallback")
@@ -77,6 +81,7 @@ def create_with_fallback(
         raise InvalidRequest(
             "no flavours or regions to try", resource=spec.name, hint="Give at least one Candidate."
         )
+    _prepare_regions(spec, candidates)
     failures: list[tuple[Candidate, CapacityError]] = []
     for candidate in candidates:
         attempt = replace(spec, flavor=candidate.flavor)
@@ -108,6 +113,52 @@ def create_with_fallback(
     )
 
 
+def _prepare_regions(spec: ServerSpec, candidates: Sequence[Candidate]) -> None:
+    """Before anything is tried: what ``spec`` names must exist in every region it may land in.
+
+    Keypairs, security groups and networks belong to one region. The run's own keypair
+    (``Lease.create_keypair``) is imported into each region that lacks it, through that region's
+    lease (so it is owned and deleted with the run); anything else missing in a region is refused
+    here, naming the region, rather than after capacity failed somewhere else.
+    """
+    leases = list({id(c.lease): c.lease for c in candidates}.values())
+    if len({id(lease.cloud) for lease in leases}) < 2:
+        return  # one region: the spec was made for it
+    for lease in leases:
+        check = getattr(lease.cloud, "check_spec_resources", None)  # OpenStack: groups, network
+        if check is not None:
+            try:
+                check(spec)
+            except InvalidRequest as err:
+                raise InvalidRequest(
+                    f"cannot fall back to {lease.cloud.name}: {err.message}",
+                    resource=spec.name, cloud=lease.cloud.name,
+                    hint="Security groups and networks belong to one region: make them there too "
+                    "(or pass names that exist in every region), or leave that region out.",
+                ) from err
+        if spec.key_name:
+            _carry_keypair(spec.key_name, lease, leases)
+
+
+def _carry_keypair(key_name: str, lease: Lease, leases: list[Lease]) -> None:
+    run_id = lease.owner.run_id
+    if any(k.name == key_name for k in lease.cloud.list_keypairs(run_id=run_id)):
+        return
+    public_key = next((k.public_key for other in leases if other is not lease
+                       for k in other.cloud.list_keypairs(run_id=other.owner.run_id)
+                       if k.name == key_name and k.public_key), None)
+    if key_name != Keypair.name_for_run(run_id) or public_key is None:
+        raise InvalidRequest(
+            f"keypair {key_name!r} is not in {lease.cloud.name}, and slipstream can only carry the "
+            "run's own keypair to another region",
+            resource=key_name, cloud=lease.cloud.name,
+            hint="Make the key with Lease.create_keypair (it is then imported wherever the "
+            "fallback goes), import yours in every region, or leave that region out.",
+        )
+    log.info("importing keypair %s into %s for the fallback", key_name, lease.cloud.name)
+    lease.create_keypair(public_key)
+
+
 def _discard(
     lease: Lease,
     attempt: ServerSpec,
@@ -124,16 +175,8 @@ def _discard(
     doomed |= {s.id for s in lease.cloud.list_servers(run_id=run_id) if s.name in names}
     for server_id in doomed:
         lease.forget(ResourceKind.SERVER, server_id)
-    deadline = time.monotonic() + timeout
-    while True:
-        left = [s for s in lease.cloud.list_servers(run_id=run_id) if s.id in doomed]
-        if not left:
-            return
-        if time.monotonic() > deadline:
-            raise WaitTimeout(
-                f"failed attempt still present {timeout:.0f} s after delete: "
-                + ", ".join(f"{s.name}={s.status}" for s in left),
-                cloud=lease.cloud.name,
-                hint="The run's teardown and the reaper will retry the delete.",
-            )
-        sleep(poll_interval)
+    wait_until_gone(
+        lambda: lease.cloud.list_servers(run_id=run_id), doomed, what="failed attempt",
+        cloud=lease.cloud.name, timeout=timeout, poll_interval=poll_interval,
+        describe=lambda s: f"{s.name}={s.status}", hint="The run's teardown and the reaper will retry the delete.",
+        sleep=sleep)

@@ -16,7 +16,9 @@ Guarantees:
 - on leaving the block — success, exception, ``KeyboardInterrupt``, cancellation — everything
   the run owns on the cloud (what this lease created, and anything else tagged with its run id)
   is deleted in dependency order (floating IPs, servers, volumes, keypairs), each delete retried
-  on transient errors, "already gone" counted as done;
+  on transient errors (a volume Cinder is still busy with — creating, detaching — until
+  ``delete_timeout``), "already gone" counted as done, and servers' and volumes' asynchronous
+  deletes waited for;
 - :attr:`Lease.proof` then lists, by run id, every kind of resource on the cloud. An empty
   listing is the proof that nothing is left to charge the allocation.
 
@@ -40,9 +42,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-from slipstream.cloud.errors import CloudError, NotFound, TransientError, WaitTimeout
+from slipstream.cloud.errors import CloudError, Conflict, NotFound
 from slipstream.cloud.models import FloatingIP, Keypair, LeaseRenewal, Ownership, Server, ServerSpec, Volume
 from slipstream.cloud.port import CloudProvider
+from slipstream.cloud.waiting import wait_until_gone
 from slipstream.ownership.ledger import LeaseRenewalRecord, Ledger, this_process
 from slipstream.retry import DEFAULT_RETRY, RetryPolicy, retry
 
@@ -66,6 +69,8 @@ class ResourceKind(StrEnum):
 #: Dependency order for deletion: addresses before the servers they point at, servers before the
 #: volumes attached to them, keypairs last (they cost nothing and help debugging until the end).
 TEARDOWN_ORDER = (ResourceKind.FLOATING_IP, ResourceKind.SERVER, ResourceKind.VOLUME, ResourceKind.KEYPAIR)
+#: Seconds between looks at a volume Cinder is still busy with (creating, detaching, deleting).
+VOLUME_RETRY_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,11 @@ class Lease:
                     self._wait_servers_gone(accepted)
                 except CloudError as err:
                     errors.append(str(err))
+            if kind == ResourceKind.VOLUME and accepted:
+                try:  # Cinder deletes in the background: the proof must not count `deleting` ones
+                    self._wait_volumes_gone(accepted)
+                except CloudError as err:
+                    errors.append(str(err))
         try:
             remaining = {k.value: [name for _, name in v] for k, v in self.owned_now().items()}
         except CloudError as err:
@@ -280,32 +290,41 @@ class Lease:
             except NotFound:
                 pass  # already gone: that is what we wanted
 
-        retry(
-            attempt,
-            self.retry_policy,
-            on_retry=lambda n, err, d: log.warning("retrying delete of %s %s (attempt %d): %s", kind, res_id, n, err),
-        )
+        deadline = time.monotonic() + self.delete_timeout
+        while True:
+            try:
+                retry(
+                    attempt,
+                    self.retry_policy,
+                    on_retry=lambda n, err, d: log.warning("retrying delete of %s %s (attempt %d): %s", kind, res_id, n, err),
+                )
+                break
+            except Conflict as err:
+                # Cinder refuses (400 "status must be available or error ...") a volume that is
+                # still creating, attaching or detaching; it settles on its own, so ask again.
+                if kind != ResourceKind.VOLUME or time.monotonic() > deadline:
+                    raise
+                log.info("volume %s is busy, deleting it again shortly: %s", res_id, err.message)
+                time.sleep(VOLUME_RETRY_INTERVAL)
         self.ledger.record_deleted(self.cloud.name, kind, res_id)
         if self.on_event:
             self.on_event("deleted", HeldResource(kind, res_id, res_id))
 
     def _wait_servers_gone(self, server_ids: set[str]) -> None:
-        deadline = time.monotonic() + self.delete_timeout
-        while True:
-            try:
-                left = [s for s in self.cloud.list_servers(run_id=self.owner.run_id) if s.id in server_ids]
-            except TransientError:
-                left = [None]
-            if not left:
-                return
-            if time.monotonic() > deadline:
-                names = ", ".join(s.name for s in left if s)
-                raise WaitTimeout(
-                    f"servers still present {self.delete_timeout:.0f} s after delete: {names}",
-                    cloud=self.cloud.name,
-                    hint="Run `slipstream reap --yes` later; the reaper will retry.",
-                )
-            time.sleep(0.2)
+        wait_until_gone(
+            lambda: self.cloud.list_servers(run_id=self.owner.run_id), server_ids, what="servers",
+            cloud=self.cloud.name, timeout=self.delete_timeout, poll_interval=0.2,
+            describe=lambda s: s.name, hint="Run `slipstream reap --yes` later; the reaper will retry.")
+
+    def _wait_volumes_gone(self, volume_ids: set[str]) -> None:
+        """Cinder deletes in the background; the volumes left at the deadline are named with their
+        status (``deleting``: Cinder is still at it)."""
+        wait_until_gone(
+            lambda: self.cloud.list_volumes(run_id=self.owner.run_id), volume_ids, what="volumes",
+            cloud=self.cloud.name, timeout=self.delete_timeout, poll_interval=VOLUME_RETRY_INTERVAL,
+            describe=lambda v: f"{v.name} ({v.status})",
+            hint="A volume still `deleting` is Cinder at work and usually goes; run "
+            "`slipstream reap --yes` later to finish any other.")
 
 
 def lease_for_walltime(max_hours: float) -> timedelta:

@@ -109,3 +109,14 @@ def no_host_flavor_fixture(lab_admin_cloud, lab_cloud) -> str:
     yield flavor.name
     compute.delete_flavor(flavor, ignore_missing=True)
     lab_cloud._flavors = None
+
+
+@pytest.fixture(name="lab_lease")
+def lab_lease_fixture(lab_cloud, owner, tmp_path):
+    """A Lease on the lab for the test's ``owner``; afterwards its teardown proof must be empty."""
+    from slipstream.ownership.lease import Lease
+    from slipstream.ownership.ledger import Ledger
+
+    with Lease(lab_cloud, owner, ledger=Ledger(tmp_path / "ledger.db"), delete_timeout=120) as held:
+        yield held
+    assert held.proof.clean and not held.proof.errors, held.proof.summary()

@@ -95,6 +95,23 @@ CASES = [
         QuotaExceeded,
         "gigabytes",
     ),
+    (  # Cinder's VolumeLimitExceeded as cinder-api sends it: 413 *and* Retry-After: 0
+        "cinder volume count quota",
+        sdk_error(
+            413,
+            {
+                "overLimit": {
+                    "code": 413,
+                    "message": "VolumeLimitExceeded: Maximum number of volumes allowed (10) "
+                    "exceeded for quota 'volumes'.",
+                    "retryAfter": "0",
+                }
+            },
+            {"Retry-After": "0"},
+        ),
+        QuotaExceeded,
+        "volumes",
+    ),
     (
         "rate limit",
         sdk_error(413, {"overLimit": {"message": "slow down"}}, {"Retry-After": "3"}),
@@ -203,6 +220,55 @@ def test_sdk_failures_become_slipstream_errors(case, err, kind, words):
     text = str(mapped)
     assert words in text and "server abc" in text and "on lab:IU" in text
     assert mapped.hint, f"{case}: every error tells the user what to do next"
+
+
+@pytest.mark.parametrize(("headers", "seconds"), [
+    ({"Retry-After": "7"}, 7.0),
+    ({"Retry-After": "Thu, 01 Jan 2099 00:00:00 GMT"}, None),  # a date: seconds until then
+    ({"Retry-After": "0"}, None),
+    ({}, None),
+])
+def test_a_503_carries_how_long_the_cloud_asked_to_wait(headers, seconds):
+    mapped = translate(sdk_error(503, {}, headers), "listing servers", None, "lab:IU")
+    assert type(mapped) is TransientError
+    if "GMT" in headers.get("Retry-After", ""):
+        assert mapped.retry_after > 3600
+    else:
+        assert mapped.retry_after == seconds
+
+
+def test_retries_wait_as_long_as_the_cloud_asked_and_no_longer_than_the_cap():
+    from slipstream.retry import MAX_RETRY_AFTER, RetryPolicy, retry
+
+    pauses, answers = [], iter([7.0, 3600.0, None])
+
+    def flaky():
+        after = next(answers, "done")
+        if after == "done":
+            return "ok"
+        raise TransientError("503", retry_after=after)
+
+    policy = RetryPolicy(attempts=5, base_delay=0.1, max_delay=0.2)
+    assert retry(flaky, policy, sleep=pauses.append) == "ok"
+    assert pauses[0] == 7.0 and pauses[1] == MAX_RETRY_AFTER and pauses[2] <= 0.2
+
+
+def test_a_wait_is_not_held_past_its_deadline_by_the_retries_inside_its_poll():
+    """A poll's own read retry obeys Retry-After, but never beyond the wait's deadline."""
+    import time
+
+    from slipstream.cloud.waiting import observe
+    from slipstream.retry import retry
+
+    def listing():  # what a listing does: its read retry around one request
+        def request():
+            raise TransientError("503", retry_after=30)
+        return retry(request)
+
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout, match="kept failing"):
+        observe(listing, deadline=time.monotonic() + 0.5, poll_interval=0.1, what="waiting")
+    assert time.monotonic() - started < 3
 
 
 def test_the_seam_keeps_the_sdk_error_as_cause_and_passes_ours_through():
@@ -420,8 +486,10 @@ def test_block_needs_exactly_one_way_in_and_hides_the_secret(monkeypatch):
         OpenStackCredentials(application_credential_id="abc")
     with pytest.raises(ValidationError, match="not both"):
         OpenStackCredentials(cloud="lab", application_credential_id="abc")
-    with pytest.raises(ValidationError):
-        OpenStackCredentials(cloud="lab", region="Mars")
+    # any region the catalogue offers (checked when signing in), not only Jetstream2's five
+    assert OpenStackCredentials(cloud="lab", region="RegionOne").connect_arguments()["region"] == "RegionOne"
+    with pytest.raises(ValidationError, match="api_timeout"):
+        OpenStackCredentials(cloud="lab", api_timeout=0)
 
     block = OpenStackCredentials(
         application_credential_id="abc", application_credential_secret=SECRET, region="TACC"
@@ -444,7 +512,8 @@ def test_block_turns_a_clouds_yaml_name_into_arguments():
     assert block.connect_arguments() == {
         "cloud": "lab",
         "clouds_yaml_path": "/x/clouds.yaml",
-        "region": "IU",
+        "region": None,  # the clouds.yaml cloud's region wins unless the block sets one
+        "api_timeout": None,
         "external_network": "public",
         "exosphere_metadata": False,
     }

@@ -25,6 +25,7 @@ from openstack_lab import (  # noqa: F401  (the fixtures register themselves by 
     NO_HOST_FLAVOR,
     lab_admin_cloud_fixture,
     lab_cloud_fixture,
+    lab_lease_fixture,
     lab_clouds_yaml,
     no_host_flavor_fixture,
     open_lab_cloud,
@@ -47,10 +48,8 @@ def owner() -> Ownership:
 
 
 @pytest.fixture
-def lease(lab_cloud, owner, tmp_path):
-    with Lease(lab_cloud, owner, ledger=Ledger(tmp_path / "ledger.db"), delete_timeout=120) as held:
-        yield held
-    assert held.proof.clean and not held.proof.errors, held.proof.summary()
+def lease(lab_lease):
+    return lab_lease
 
 
 @pytest.fixture(scope="module")
@@ -256,12 +255,13 @@ def ssh_group(lab_cloud):
 
 
 def test_ssh_security_group_is_made_once_and_reused(lab_cloud, ssh_group, small, owner, tmp_path):
-    name = lab_cloud.ensure_ssh_security_group(ssh_group)
+    group_id = lab_cloud.ensure_ssh_security_group(ssh_group)
     before = lab_cloud.api_calls
-    assert lab_cloud.ensure_ssh_security_group(ssh_group) == name
+    assert lab_cloud.ensure_ssh_security_group(ssh_group) == group_id
     assert lab_cloud.api_calls - before == 1, "an existing group with its rule costs one look-up"
+    name = "slipstream-ssh-203-0-113-0-24"
     groups = list(lab_cloud.conn.network.security_groups(name=name))
-    assert len(groups) == 1 and "slipstream" in groups[0].tags
+    assert len(groups) == 1 and groups[0].id == group_id and "slipstream" in groups[0].tags
     assert any(
         r["port_range_min"] == 22 and r["remote_ip_prefix"] == ssh_group
         for r in groups[0].security_group_rules
@@ -269,7 +269,7 @@ def test_ssh_security_group_is_made_once_and_reused(lab_cloud, ssh_group, small,
     flavor, image = small
     with Lease(lab_cloud, owner, ledger=Ledger(tmp_path / "l.db"), delete_timeout=120) as lease:
         (server,) = lease.create_servers(
-            ServerSpec("guarded", flavor, image, security_groups=(name,))
+            ServerSpec("guarded", flavor, image, security_groups=(group_id,))
         )
         wait(lab_cloud, owner, [server])
         assert name in {

@@ -49,7 +49,9 @@ class OpenStackBase:
         self._images: dict[str, Any] | None = None
         self._image_names: dict[str, str] = {}
         self._networks: dict[tuple[str, bool], str] = {}
+        self._group_ids: dict[str, str] = {}  # security group name -> the id Nova gets
         self._faults: dict[str, str] = {}  # server id -> Nova's fault message
+        self._unshelving: set[str] = set()  # servers slipstream asked to unshelve, not yet settled
         self._owned: dict[str, set[str]] = {"server": set(), "floating_ip": set(), "volume": set()}
 
     def _count_request(self, response: Any, *args: Any, **kwargs: Any) -> Any:
@@ -116,28 +118,6 @@ class OpenStackBase:
                 self._images[image.name] = image  # the newest image of a name wins, as in Horizon
                 self._image_names[image.id] = image.name
         return self._images
-
-    def _network_id(self, name: str, *, external: bool = False) -> str:
-        key = (name, external)
-        if key not in self._networks:
-            query: dict[str, Any] = {"name": name}
-            if external:
-                query["is_router_external"] = True
-            found = self._read(
-                f"looking up network {name}", lambda: self.conn.network.networks(**query)
-            )
-            if not found:
-                what = "external network" if external else "network"
-                raise InvalidRequest(
-                    f"{what} {name!r} does not exist",
-                    resource=name,
-                    cloud=self.name,
-                    hint="Jetstream2 projects have `auto_allocated_network` (made on first use "
-                    "by Horizon/Exosphere) and the external network `public`; "
-                    "`openstack network list` shows yours.",
-                )
-            self._networks[key] = found[0].id
-        return self._networks[key]
 
 
 def has_owner_tag(resource: Any) -> bool:

@@ -7,6 +7,7 @@ from typing import Any
 from keystoneauth1 import exceptions as ks_exc
 
 from slipstream.cloud.errors import CloudError, NotFound
+from slipstream.cloud.models import ServerSpec
 from slipstream.cloud.openstack.leases import LeaseOperations
 from slipstream.cloud.openstack.network import NetworkOperations
 from slipstream.cloud.openstack.servers import ServerOperations
@@ -23,6 +24,13 @@ class OpenStackCloud(ServerOperations, NetworkOperations, StorageOperations, Lea
 
     ``api_calls`` counts every HTTP request the connection sends (token requests included).
     """
+
+    def check_spec_resources(self, spec: ServerSpec) -> None:
+        """Raise :class:`InvalidRequest` if ``spec``'s security groups or network are not in this
+        region (a fallback asks before it tries; ``auto_allocated_network`` is made if missing)."""
+        for group in spec.security_groups:
+            self.security_group_id(group)
+        self._network_id(spec.network)
 
     def read_accounting(self) -> list[Any]:
         """The project's allocations from Jetstream2's ``accounting`` service (JSON list; see

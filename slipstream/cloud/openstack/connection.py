@@ -37,7 +37,7 @@ from openstack import exceptions as sdk_exc
 
 from slipstream.cloud.errors import CloudError
 from slipstream.cloud.openstack.errors import EXPIRED_HINT, CredentialError, sdk_errors, translate
-from slipstream.jetstream2 import AUTH_URL, EXTERNAL_NETWORK
+from slipstream.jetstream2 import AUTH_URL, DEFAULT_REGION, EXTERNAL_NETWORK
 
 if TYPE_CHECKING:
     from slipstream.cloud.openstack.cloud import OpenStackCloud
@@ -86,6 +86,11 @@ def leftover_scope_variables(environ: dict[str, str] | None = None) -> list[str]
     return [name for name in SCOPE_VARIABLES if env.get(name)]
 
 
+#: Seconds any one HTTP request may take (connect or read) unless clouds.yaml sets ``api_timeout``:
+#: a stalled TCP connection must fail a poll or a delete, not block it past every deadline.
+API_TIMEOUT = 60.0
+
+
 def connect(
     cloud: str | None = None,
     *,
@@ -97,10 +102,22 @@ def connect(
     external_network: str = EXTERNAL_NETWORK,
     exosphere_metadata: bool | None = None,
     ignore_environment: bool = False,
+    api_timeout: float | None = None,
 ) -> OpenStackCloud:
     """An :class:`OpenStackCloud` for a ``clouds.yaml`` cloud or an application credential.
 
-    ``region`` overrides the region in ``clouds.yaml`` (default there: the file's, else IU).
+    Where each setting comes from:
+
+    - with ``cloud``: everything from that cloud in ``clouds.yaml`` (``clouds_yaml_path``, else
+      the usual places); ``region`` overrides the file's region when given;
+    - with an application credential: only the given fields (``auth_url``, id, secret,
+      ``region``) — never a ``clouds.yaml`` nor ``OS_*`` variables;
+    - the region, in both cases, must be one the project's catalogue offers (checked at sign-in,
+      the error lists them); none given and none in clouds.yaml: IU if offered (Jetstream2's
+      primary region), else the catalogue's only region;
+    - ``api_timeout`` (seconds per HTTP request): the argument, else clouds.yaml's
+      ``api_timeout``, else :data:`API_TIMEOUT`.
+
     ``exosphere_metadata`` (default: on for Jetstream2 auth URLs) makes servers show their
     creator in Exosphere. With an explicit credential, leftover ``OS_*`` scope variables are an
     error unless ``ignore_environment`` (slipstream never reads them, but your ``openstack`` CLI
@@ -127,14 +144,17 @@ def connect(
                 hint=f"Unset them (`unset {' '.join(leftovers)}`) — they come from an older openrc "
                 '— or else Keystone answers "Application credentials cannot request a scope".',
             )
-        region_config = _config(None, load_envvars=False).get_one(
+        # No clouds.yaml, no environment: a file in ./ or ~/.config/openstack/ holding one cloud
+        # would otherwise be merged into the credential (its region, its project scope).
+        region_config = openstack.config.OpenStackConfig(
+            load_yaml_config=False, load_envvars=False
+        ).get_one(
             auth_type=_APP_CREDENTIAL,
             auth={
                 "auth_url": auth_url,
                 "application_credential_id": application_credential_id,
                 "application_credential_secret": application_credential_secret,
             },
-            region_name=region or "IU",
             interface="public",
             identity_api_version="3",
         )
@@ -144,27 +164,30 @@ def connect(
             hint="Name a cloud from clouds.yaml, or give an application credential id and secret "
             "(Horizon → Identity → Application Credentials).",
         )
+    if api_timeout is not None or not region_config.config.get("api_timeout"):
+        region_config.config["api_timeout"] = api_timeout or API_TIMEOUT
+    wanted_region = region or region_config.get_region_name() or None
+    region_config.config["region_name"] = wanted_region
     conn = openstack.connection.Connection(config=region_config)
-    region_name = region_config.region_name or "default"
-    name = f"{label}:{region_name}"
     url = str(region_config.config.get("auth", {}).get("auth_url", ""))
     cloud_obj = OpenStackCloud(
         conn,
-        name=name,
-        region=region_name,
+        name=f"{label}:{wanted_region or 'default'}",
+        region=wanted_region,
         external_network=external_network,
         exosphere_metadata="jetstream-cloud.org" in url
         if exosphere_metadata is None
         else exosphere_metadata,
     )
-    username = _authenticate(conn, name, region_name, application_credential_id)
-    cloud_obj.username = username
+    who = f"application credential {application_credential_id}" if application_credential_id else "credentials"
+    access = _authenticate(conn, cloud_obj.name, who)
+    # The catalogue decides the region before any service is asked (proxies read it on first use).
+    chosen = _catalogue_region(access, wanted_region, who, cloud_obj.name)
+    region_config.config["region_name"] = chosen
+    cloud_obj.region, cloud_obj.name = chosen, f"{label}:{chosen}"
+    with sdk_errors("reading the user name", cloud=cloud_obj.name):
+        cloud_obj.username = access.username
     return cloud_obj
-
-
-def _config(path: str | Path | None, *, load_envvars: bool) -> openstack.config.OpenStackConfig:
-    files = [str(path)] if path else None
-    return openstack.config.OpenStackConfig(config_files=files, load_envvars=load_envvars)
 
 
 def _cloud_from_yaml(cloud: str, path: str | Path | None, region: str | None):
@@ -174,10 +197,19 @@ def _cloud_from_yaml(cloud: str, path: str | Path | None, region: str | None):
             resource=cloud,
             hint="Give the path of the clouds.yaml Horizon or Exosphere wrote for you.",
         )
+    config = openstack.config.OpenStackConfig(
+        config_files=[str(path)] if path else None, load_envvars=False
+    )
     try:
-        config = _config(path, load_envvars=False)
-        region_config = config.get_one(cloud=cloud, region_name=region)
-    except (sdk_exc.ConfigException, ks_exc.ClientException) as err:
+        try:
+            region_config = config.get_one(cloud=cloud, region_name=region)
+        except sdk_exc.ConfigException as err:
+            if not region or "not a valid region name" not in str(err):
+                raise
+            # A region the file does not list (Exosphere writes one cloud per region): the
+            # catalogue, checked at sign-in, is the judge of whether the project has it.
+            region_config = config.get_one(cloud=cloud)
+    except (sdk_exc.ConfigException, ks_exc.ClientException, TypeError) as err:
         where = str(path) if path else "clouds.yaml (./, ~/.config/openstack/, /etc/openstack/)"
         raise CredentialError(
             f"cloud {cloud!r} cannot be used: {err}",
@@ -198,11 +230,10 @@ def _cloud_from_yaml(cloud: str, path: str | Path | None, region: str | None):
     return region_config
 
 
-def _authenticate(conn, name: str, region: str, credential_id: str | None) -> str | None:
-    """Get a token (one request) and check the region; return the Keystone user name."""
-    who = f"application credential {credential_id}" if credential_id else "credentials"
+def _authenticate(conn, name: str, who: str):
+    """Get a token (one request): the Keystone access info, with its catalogue and user name."""
     try:
-        access = conn.session.auth.get_access(conn.session)
+        return conn.session.auth.get_access(conn.session)
     except ks_exc.Unauthorized as err:
         scope = "cannot request a scope" in str(getattr(err, "details", "") or err)
         raise CredentialError(
@@ -221,32 +252,34 @@ def _authenticate(conn, name: str, region: str, credential_id: str | None) -> st
                 error.message, resource=who, cloud=name, hint=EXPIRED_HINT
             ) from None
         raise error from err
+
+
+def _catalogue_region(access, wanted: str | None, who: str, name: str) -> str:
+    """``wanted`` if the project's catalogue has compute there; with none wanted, IU when offered
+    (Jetstream2's primary region), else the only region offered."""
     catalog = access.service_catalog.catalog or []
-    regions = sorted(
+    compute = sorted(
         {
             ep.get("region_id") or ep.get("region")
             for svc in catalog
+            if svc.get("type") == "compute"
             for ep in svc.get("endpoints", [])
         }
         - {None}
     )
-    compute_regions = {
-        ep.get("region_id") or ep.get("region")
-        for svc in catalog
-        if svc.get("type") == "compute"
-        for ep in svc.get("endpoints", [])
-    }
-    if region != "default" and region not in compute_regions:
-        raise CredentialError(
-            f"the project has no compute service in region {region!r}; its catalogue has "
-            f"{', '.join(regions) or 'no regions'}",
-            resource=who,
-            cloud=name,
-            hint=f"Use one of: {', '.join(sorted(r for r in compute_regions if r)) or 'none'}. Jetstream2 "
-            "grants IU by default; ASU, Cornell, TACC and UH are by request.",
-        )
-    with sdk_errors("reading the user name", cloud=name):
-        return access.username
+    if wanted in compute:
+        return wanted
+    if wanted is None and (DEFAULT_REGION in compute or len(compute) == 1):
+        return DEFAULT_REGION if DEFAULT_REGION in compute else compute[0]
+    asked = f"in region {wanted!r}" if wanted else "without a region"
+    raise CredentialError(
+        f"the project has no compute service {asked}; its catalogue offers "
+        f"{', '.join(compute) or 'no regions'}",
+        resource=who,
+        cloud=name,
+        hint=f"Set the region to one of: {', '.join(compute) or 'none'}. Jetstream2 grants IU by "
+        "default; ASU, Cornell, TACC and UH are by request.",
+    )
 
 
 def _status(err: BaseException) -> int | None:

@@ -7,8 +7,9 @@ cloud and a next step for the user:
 =====================================================  =======================================
 SDK / HTTP                                             slipstream
 =====================================================  =======================================
-connection refused/reset, timeouts, 5xx, 429           :class:`TransientError`
-"Quota exceeded" (Nova 403, Neutron 409, any 4xx), 413 :class:`QuotaExceeded`
+connection refused/reset, timeouts, 5xx, 429           :class:`TransientError` (+ ``retry_after``)
+"Quota exceeded" (Nova 403, Neutron 409, Cinder 413)   :class:`QuotaExceeded` (before Retry-After)
+413 with a positive Retry-After (a rate limit)         :class:`TransientError`
 401 (token refused)                                    :class:`CredentialError`
 404, ``ResourceNotFound``                              :class:`NotFound`
 409, 400 "status must be ..." / "in use"               :class:`Conflict`
@@ -23,8 +24,10 @@ but already used 0 of 20 cores") but never request bodies, so never a secret.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 
 import requests
 from keystoneauth1 import exceptions as ks_exc
@@ -85,6 +88,28 @@ def _status(err: BaseException) -> int | None:
     if isinstance(err, sdk_exc.HttpException):
         return err.status_code
     return getattr(err, "http_status", None)
+
+
+def retry_after(err: BaseException) -> float | None:
+    """Seconds from the response's ``Retry-After`` (a number or an HTTP date), if it gave one > 0."""
+    value = (getattr(getattr(err, "response", None), "headers", None) or {}).get("Retry-After")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return seconds if seconds > 0 else None
+
+
+def _transient(make: Callable[..., CloudError], err: BaseException) -> CloudError:
+    error = make(TransientError)
+    error.retry_after = retry_after(err)  # type: ignore[attr-defined]
+    return error
 
 
 def _detail(err: BaseException) -> str:
@@ -148,12 +173,12 @@ def translate(err: BaseException, action: str, resource: str | None, cloud: str)
     if status == 401:
         return make(CredentialError, hint=EXPIRED_HINT)
     if status == 429 or status >= 500:
-        return make(TransientError)
-    if status == 413:
-        retry_after = getattr(getattr(err, "response", None), "headers", {}).get("Retry-After")
-        return make(TransientError if retry_after else QuotaExceeded)
+        return _transient(make, err)
+    # Quota before Retry-After: Cinder answers every quota error with 413 *and* "Retry-After: 0".
     if _QUOTA.search(detail):
         return make(QuotaExceeded)
+    if status == 413:  # a rate limit says how long to wait; a bare 413 is a quota
+        return _transient(make, err) if retry_after(err) else make(QuotaExceeded)
     if status == 404:
         return make(NotFound)
     if status == 409:

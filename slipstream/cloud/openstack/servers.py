@@ -20,6 +20,7 @@ from slipstream.cloud.models import (
 )
 from slipstream.cloud.openstack import convert
 from slipstream.cloud.openstack.base import OpenStackBase, has_owner_tag, log
+from slipstream.cloud.waiting import observe
 from slipstream.jetstream2 import FLAVORS, login_user_for_image
 
 #: How long a fresh batch may take to show up in a listing by tag (Nova lists build requests).
@@ -104,7 +105,8 @@ class ServerOperations(OpenStackBase):
         if spec.user_data:
             attrs["user_data"] = base64.b64encode(spec.user_data.encode()).decode()
         if spec.security_groups:
-            attrs["security_groups"] = [{"name": g} for g in spec.security_groups]
+            # by id (Nova takes ids in "name"): a name two groups share is refused with a 409
+            attrs["security_groups"] = [{"name": self.security_group_id(g)} for g in spec.security_groups]
         first = self._call(
             f"creating {spec.count} server(s)",
             lambda: self.conn.compute.create_server(**attrs),
@@ -146,8 +148,9 @@ class ServerOperations(OpenStackBase):
         tags = _tags_filter(owner.run_id)
         deadline = time.monotonic() + NAME_BATCH_TIMEOUT
         while True:
-            seen = {s.id: s for s in self._read("listing servers", lambda: self.conn.compute.servers(
-                details=True, tags=tags)) if s.id in want}
+            listing = observe(lambda: self._read("listing servers", lambda: self.conn.compute.servers(
+                details=True, tags=tags)), deadline=deadline, poll_interval=0.5, what="naming a batch")
+            seen = {s.id: s for s in listing if s.id in want}
             scheduling = [i for i in want if i not in seen or seen[i].task_state == "scheduling"]
             misnamed = [i for i in want if i in seen and i not in scheduling and seen[i].name != want[i]]
             if not scheduling and not misnamed:
@@ -168,7 +171,9 @@ class ServerOperations(OpenStackBase):
         deadline = time.monotonic() + LIST_AFTER_CREATE_TIMEOUT
         while True:
             by_name: dict[str, Server] = {}
-            for server in self.list_servers(owner.run_id):  # newest first: keeps this batch's
+            listing = observe(lambda: self.list_servers(owner.run_id), deadline=deadline,
+                              poll_interval=0.5, what="finding a new batch")
+            for server in listing:  # newest first: keeps this batch's
                 if server.name in names and server.name not in by_name:
                     by_name[server.name] = server
             if len(by_name) == len(names):
@@ -196,10 +201,30 @@ class ServerOperations(OpenStackBase):
         ]
         for server in servers:
             self._remember("server", server.id)  # listed by our tag: owned, no look-up later
+        settled = {s.id for s in found if not getattr(s, "task_state", None)}
         return [
-            self._with_fault(s) if s.status == ServerStatus.ERROR and not s.fault else s
+            self._with_fault(s) if s.status == ServerStatus.ERROR and not s.fault
+            else self._with_unshelve_outcome(s) if s.id in self._unshelving and s.id in settled
+            else s
             for s in servers
         ]
+
+    def _with_unshelve_outcome(self, server: Server) -> Server:
+        """An unshelve Nova found no host for leaves the server SHELVED_OFFLOADED, with no fault
+        and no ERROR: only its instance action says so (message "Error"). Read once, when the
+        server has settled (no task state) after :meth:`unshelve_server`."""
+        if server.status != ServerStatus.SHELVED_OFFLOADED:
+            self._unshelving.discard(server.id)  # it left the shelf: the unshelve worked
+            return server
+        actions = self._read("reading server actions",
+                             lambda: self.conn.compute.server_actions(server.id), server.id)
+        latest = max(actions, key=lambda a: str(a.start_time or ""), default=None)
+        if latest is None or latest.action != "unshelve" or (latest.message or "").lower() != "error":
+            return server  # Nova has not taken the request up yet
+        self._unshelving.discard(server.id)
+        return replace(server, fault=(
+            "No valid host was found to unshelve the server (Nova's unshelve action ended in "
+            f"Error, request {latest.request_id}); it stays shelved and costs nothing"))
 
     def _with_fault(self, server: Server) -> Server:
         """Nova's listing leaves out the fault of servers that never found a host (they live in
@@ -264,6 +289,7 @@ class ServerOperations(OpenStackBase):
         self._call(
             "unshelving server", lambda: self.conn.compute.unshelve_server(server_id), server_id
         )
+        self._unshelving.add(server_id)
 
     def console_log(self, server_id: str) -> str:
         out = self._call(

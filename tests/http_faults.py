@@ -1,0 +1,221 @@
+"""Fault injection at the HTTP layer, in front of the lab's real services.
+
+The lab's Nova, Neutron and Cinder are instant and never flaky; Jetstream2's are neither. An
+:class:`HttpFaults` is mounted on one OpenStackCloud's requests session (the transport under
+keystoneauth) and, for the requests a rule matches, answers in the cloud's place or changes the
+real answer on its way back; every other request goes to the lab untouched. Canned bodies are
+the shapes Nova and Cinder really send (from their source: ``nova/api/openstack/wsgi.py``'s
+faults, ``cinder/exception.py``, ``cinder/volume/api.py``), never invented ones::
+
+    with http_faults(lab_cloud) as faults:
+        burst = faults.burst("GET", r"/servers/detail", seconds=6, retry_after=2)
+        wait_for_servers(...)
+    assert burst.hits
+
+Used only by tests; installs nothing on the lab and listens nowhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import requests
+from requests.adapters import HTTPAdapter
+
+Forward = Callable[[], requests.Response]
+VOLUME = r"/volumes/[0-9a-f-]{36}(\?|$)"  # one volume (the SDK adds ?cascade=...&force=...)
+Responder = Callable[[requests.PreparedRequest, Forward], requests.Response]
+
+
+def canned(request: requests.PreparedRequest, status: int, body: dict | None = None,
+           headers: dict | None = None) -> requests.Response:
+    """A response as the service would send it (JSON body, request id header)."""
+    resp = requests.Response()
+    resp.status_code = status
+    resp.reason = {202: "Accepted", 400: "Bad Request", 503: "Service Unavailable"}.get(status, "")
+    resp.headers.update({"Content-Type": "application/json", "X-Openstack-Request-Id": "req-injected",
+                         **(headers or {})})
+    resp._content = json.dumps(body).encode() if body is not None else b""
+    resp.encoding = "utf-8"
+    resp.url, resp.request = request.url, request
+    return resp
+
+
+def rewritten(resp: requests.Response, change: Callable[[dict], None]) -> requests.Response:
+    """The real response with its JSON body changed by ``change`` (in place)."""
+    if resp.status_code < 300 and resp.content:
+        body = resp.json()
+        change(body)
+        resp._content = json.dumps(body).encode()
+        resp.headers["Content-Length"] = str(len(resp._content))
+    return resp
+
+
+@dataclass
+class Rule:
+    method: str
+    path: re.Pattern
+    respond: Responder
+    hits: list[float] = field(default_factory=list)  # monotonic times of the requests it took
+
+    def matches(self, request: requests.PreparedRequest) -> bool:
+        return request.method == self.method and bool(self.path.search(request.path_url))
+
+
+class HttpFaults(HTTPAdapter):
+    """Answers matched requests itself (or edits the real answer); passes the rest through."""
+
+    def __init__(self, inner: HTTPAdapter) -> None:
+        super().__init__()
+        self.inner = inner
+        self.rules: list[Rule] = []
+        self._lock = threading.Lock()
+
+    def send(self, request, **kwargs):  # noqa: ANN001 - requests' own signature
+        return self.dispatch(request, lambda: self.inner.send(request, **kwargs))
+
+    def dispatch(self, request: requests.PreparedRequest, forward: Forward) -> requests.Response:
+        with self._lock:
+            rule = next((r for r in self.rules if r.matches(request)), None)
+            if rule is not None:
+                rule.hits.append(time.monotonic())
+        return rule.respond(request, forward) if rule else forward()
+
+    def add(self, method: str, path: str, respond: Responder) -> Rule:
+        rule = Rule(method, re.compile(path), respond)
+        self.rules.append(rule)
+        return rule
+
+    # the weather ----------------------------------------------------------------------------
+    def burst(self, method: str, path: str, *, seconds: float, status: int = 503,
+              retry_after: float | None = None) -> Rule:
+        """``status`` (as a load balancer sends it: no service body) for ``seconds`` from now."""
+        until = time.monotonic() + seconds
+        headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+
+        def respond(request, forward):
+            if time.monotonic() < until:
+                return canned(request, status, {"message": "Service Unavailable"}, headers)
+            return forward()
+
+        rule = self.add(method, path, respond)
+        rule.until = until  # type: ignore[attr-defined]
+        return rule
+
+    def slow_cinder_delete(self, seconds: float) -> Rule:
+        """Cinder's DELETE /volumes/{id} is accepted (202) at once and carried out ``seconds`` later,
+        as a busy Ceph backend does; meanwhile listings show the volume ``deleting`` — the status
+        cinder-api itself sets before it hands the delete to cinder-volume."""
+        pending: set[str] = set()
+        timers: list[threading.Timer] = []
+
+        def delete(request, forward):
+            volume_id = _volume_id(request)
+            pending.add(volume_id)
+
+            def later() -> None:
+                forward()
+                pending.discard(volume_id)
+
+            timer = threading.Timer(seconds, later)
+            timers.append(timer)
+            timer.start()
+            return canned(request, 202)
+
+        def show_deleting(body: dict) -> None:
+            for volume in body.get("volumes", []) + ([body["volume"]] if "volume" in body else []):
+                if volume.get("id") in pending:
+                    volume["status"] = "deleting"
+                    listed_deleting.append(volume["id"])
+
+        listed_deleting: list[str] = []
+        rule = self.add("DELETE", VOLUME, delete)
+        self.add("GET", rf"/volumes(/detail)?(\?|$)|{VOLUME}",
+                 lambda request, forward: rewritten(forward(), show_deleting))
+        rule.listed_deleting = listed_deleting  # type: ignore[attr-defined]
+        rule.timers = timers  # type: ignore[attr-defined]
+        return rule
+
+    def cinder_busy_once(self, message: str) -> Rule:
+        """The first DELETE of each volume is refused as Cinder refuses a volume still `creating`
+        (400, ``InvalidVolume``); later ones reach the lab."""
+        refused: set[str] = set()
+
+        def respond(request, forward):
+            volume_id = _volume_id(request)
+            if volume_id in refused:
+                return forward()
+            refused.add(volume_id)
+            return canned(request, 400, {"badRequest": {"code": 400, "message": message}})
+
+        return self.add("DELETE", VOLUME, respond)
+
+    def nova_fault(self, change: Callable[[dict], dict | None]) -> Rule:
+        """The ``fault`` of every ERROR server, as listings and GETs show it, replaced by
+        ``change(server)`` (``None``: no fault, as before Nova writes it)."""
+        def edit(body: dict) -> None:
+            for server in body.get("servers", []) + ([body["server"]] if "server" in body else []):
+                if server.get("status") == "ERROR":
+                    fault = change(server)
+                    if fault is None:
+                        server.pop("fault", None)
+                    else:
+                        server["fault"] = fault
+
+        return self.add("GET", r"/servers/detail|/servers/[0-9a-f-]{36}$",
+                        lambda request, forward: rewritten(forward(), edit))
+
+
+def _volume_id(request: requests.PreparedRequest) -> str:
+    return request.path_url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+@contextmanager
+def http_faults(cloud) -> Iterator[HttpFaults]:
+    """Mount an :class:`HttpFaults` on ``cloud``'s HTTP session for the ``with`` block."""
+    session: requests.Session = cloud.conn.session.session
+    inner = session.get_adapter("http://127.0.0.1/")
+    faults = HttpFaults(inner)
+    session.mount("http://", faults)
+    try:
+        yield faults
+    finally:
+        session.mount("http://", inner)
+        for rule in faults.rules:
+            for timer in getattr(rule, "timers", []):
+                timer.join(timeout=60)  # a held delete still reaches the lab before we leave
+
+
+@contextmanager
+def http_faults_in_process() -> Iterator[HttpFaults]:
+    """The same rules for every session this process opens in the block — for what happens
+    inside :func:`connect` (the token request and its catalogue) before a cloud exists."""
+    original = HTTPAdapter.send
+    faults = HttpFaults(HTTPAdapter())
+
+    def send(adapter, request, **kwargs):  # noqa: ANN001
+        return faults.dispatch(request, lambda: original(adapter, request, **kwargs))
+
+    HTTPAdapter.send = send  # type: ignore[method-assign]
+    try:
+        yield faults
+    finally:
+        HTTPAdapter.send = original  # type: ignore[method-assign]
+
+
+def with_regions(*regions: str) -> Responder:
+    """Keystone's token answer with every endpoint also offered in ``regions`` (same URLs), as
+    Jetstream2's shared Keystone lists IU, ASU, Cornell, TACC and UH."""
+    def add(body: dict) -> None:
+        for service in body["token"].get("catalog", []):
+            extra = [{**ep, "id": f"{ep['id']}-{region}", "region_id": region, "region": region}
+                     for ep in service["endpoints"] for region in regions]
+            service["endpoints"] += extra
+
+    return lambda request, forward: rewritten(forward(), add)
