@@ -181,13 +181,13 @@ class Lease:
         renewal that changed something is noted in the ledger."""
         self._note_process()  # a process that adopted its run's resources holds them too
         now = now or datetime.now(UTC)
-        renewal = LeaseRenewal(now + after, now, socket.gethostname())
+        renewal = LeaseRenewal(now + after, now, socket.gethostname(), os.getpid())
         renewed = self.cloud.renew_lease(self.owner.run_id, renewal, due_before=now + after / 2)
         if renewal.expires_at > self.owner.expires_at:
             self.owner = replace(self.owner, expires_at=renewal.expires_at)
         if renewed:
             self.ledger.record_renewal(LeaseRenewalRecord(self.owner.run_id, self.cloud.name, renewal.renewed_by,
-                                                          os.getpid(), now, renewal.expires_at, renewed))
+                                                          renewal.renewed_pid, now, renewal.expires_at, renewed))
             log.info("run %s: lease of %d resource(s) renewed until %s UTC", self.owner.run_id, renewed,
                      f"{renewal.expires_at:%H:%M:%S}")
         return renewed

@@ -166,7 +166,8 @@ def test_a_flow_beats_its_heartbeat_while_it_works(cloud_env, prefect_api, monke
     result = vm_job(flavor="m3.tiny", command="sleep 3")
     beats = wait_until(lambda: (b := _beats(result.run_id)) and len(b) >= 4 and b, timeout=60,
                        what="the run's heartbeats")
-    assert all(b.payload == {"cloud": "local", "pipeline": "vm-job", "host": socket.gethostname()} for b in beats)
+    assert all(b.payload == {"cloud": "local", "pipeline": "vm-job", "host": socket.gethostname(), "pid": os.getpid()}
+               for b in beats)
     assert result.teardown_clean
 
 
