@@ -30,6 +30,10 @@ class ServerStatus(StrEnum):
     DELETED = "DELETED"
 
 
+#: The statuses in which Nova accepts a metadata update (so a lease renewal) of a server that is
+#: not changing state: not while it builds, is shelved, or is in ERROR.
+LEASE_RENEWABLE = (ServerStatus.ACTIVE, ServerStatus.SHUTOFF, ServerStatus.SUSPENDED)
+
 # Names end up in hostnames and Jetstream2's automatic DNS records, and in Slurm node names:
 # keep them DNS labels, which also means nothing a shell would interpret.
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")

@@ -16,6 +16,7 @@ import pytest
 
 from slipstream.cloud.local.processes import proc_stat
 from slipstream.cloud.models import LeaseRenewal, Ownership, ServerSpec
+from slipstream.cloud.waiting import wait_for_servers
 from slipstream.ownership.ledger import Ledger, RunProcess
 from slipstream.ownership.reaper import PrefectRun, RunResolver, RunState, Timing, Verdict, reap
 
@@ -35,7 +36,8 @@ def run_with_resources(cloud, *, lease: timedelta = timedelta(hours=2), run_id: 
     """A run holding a keypair and a server, created by no process this host's ledger knows."""
     who = Ownership.new("elsewhere", run_id=run_id or str(uuid.uuid4()), lease=lease)
     cloud.create_keypair(f"slipstream-{who.run_id}", KEY)
-    cloud.create_servers(ServerSpec("held", "m3.tiny", NOOP), who)
+    (server,) = cloud.create_servers(ServerSpec("held", "m3.tiny", NOOP), who)
+    wait_for_servers(cloud, who.run_id, [server.id], timeout=20, poll_interval=0.05)  # renewable from now on
     return who
 
 
