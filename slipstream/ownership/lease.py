@@ -308,6 +308,13 @@ class Lease:
             time.sleep(0.2)
 
 
+def first_lease(boot_timeout: timedelta) -> timedelta:
+    """The lease a beating run's resources get when created: at least :data:`FIRST_LEASE`, and
+    long enough for the slowest boot the run allows plus a renewal window (Nova does not let a
+    building server's lease be renewed)."""
+    return max(FIRST_LEASE, boot_timeout + LEASE_AFTER_BEAT)
+
+
 def lease_for_walltime(max_hours: float) -> timedelta:
     """How long the resources of a run that does *not* beat may live (its Ownership lease) when
     its work may take up to ``max_hours``: half as long again, plus half an hour to boot and tear

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from slipstream.cloud.errors import InvalidRequest
+from slipstream.cloud.local import FaultOptions, LocalCloud
 from slipstream.cloud.models import Keypair, LeaseRenewal, Ownership, ServerSpec
 from slipstream.cloud.waiting import wait_for_servers
-from slipstream.ownership.lease import Lease
+from slipstream.ownership.lease import FIRST_LEASE, LEASE_AFTER_BEAT, Lease, first_lease
 from slipstream.ownership.ledger import Ledger
 
 NOOP = "slipstream-noop"
@@ -82,9 +84,10 @@ def test_a_renewal_touches_only_its_own_run(local_cloud, ledger):
 
 def test_like_nova_a_building_or_shelved_server_keeps_the_lease_it_has(local_cloud, ledger):
     owner = Ownership.new("states", lease=timedelta(minutes=1))
+    LocalCloud(options=replace(local_cloud.options, faults=FaultOptions(extra_boot_delay=3.0)))
     with Lease(local_cloud, owner, ledger=ledger) as lease:
         up, shelved = lease.create_servers(ServerSpec("s", "m3.tiny", NOOP, count=2))
-        assert lease.renew(timedelta(minutes=30)) == 0  # both still building
+        assert lease.renew(timedelta(minutes=30)) == 0  # both still building (for 3 s)
         wait_for_servers(local_cloud, owner.run_id, [up.id, shelved.id], timeout=20, poll_interval=0.05)
         local_cloud.shelve_server(shelved.id)
         assert lease.renew(timedelta(minutes=30)) == 1
@@ -101,3 +104,8 @@ def test_keypairs_are_owned_only_for_run_ids_slipstream_makes(local_cloud, ledge
     assert local_cloud.list_keypairs() == []
     for made in ("0123456789abcdef0123456789abcdef", "01234567-89ab-cdef-0123-456789abcdef"):
         assert Keypair.run_of(Keypair.name_for_run(made)) == made
+
+
+def test_a_beating_runs_first_lease_covers_its_slowest_boot():
+    assert first_lease(timedelta(minutes=15)) == FIRST_LEASE == timedelta(hours=1)
+    assert first_lease(timedelta(hours=2)) == timedelta(hours=2) + LEASE_AFTER_BEAT
