@@ -23,6 +23,7 @@ From the Prefect UI the typed parameters render as a form (see ``prefect.yaml``)
 # No `from __future__ import annotations` here: `flow.serve()` pickles the flow function by
 # value into the run's process, and string annotations (FlavorName...) would not resolve there.
 from dataclasses import replace
+from datetime import timedelta
 from typing import Literal
 
 from prefect import flow, get_run_logger
@@ -33,7 +34,7 @@ from slipstream.blocks import load_cloud
 from slipstream import jetstream2, progress, ssh
 from slipstream.cost.accounting import MeteredServer, PlannedServers
 from slipstream.cloud.models import Ownership
-from slipstream.ownership.lease import FIRST_LEASE, HeldResource, Lease
+from slipstream.ownership.lease import HeldResource, Lease, first_lease
 from slipstream.vmjob import REMOTE_JOB_DIR, plan_vm_job
 from slipstream.tasks.budget import guard_budget, watching_budget
 from slipstream.tasks.events import resource_event_emitter
@@ -113,7 +114,7 @@ def vm_job(
                                               budget_su, allocation, override_budget)
 
     owner = Ownership.new(pipeline, run_id=str(flow_run.get_id() or "") or None,
-                          lease=FIRST_LEASE)  # renewed by its heartbeat
+                          lease=first_lease(timedelta(seconds=boot_timeout_seconds)))  # renewed by its beats
     keypair = ssh.generate_keypair(comment=f"slipstream-{owner.run_id}")
     lease = Lease(provider, owner, on_event=resource_event_emitter(owner, provider.name))
     lease.ledger.record_worst_case(owner.run_id, pipeline, provider.name, plan.worst_case_su)

@@ -71,16 +71,16 @@ def prefect_lookup(client) -> PrefectLookup:
         state = run.state
         if state is None:
             return PrefectRun("PENDING", "no state yet")
-        beat, host = last_heartbeat(client, run_id) if state.type.value == "RUNNING" else (None, None)
-        return PrefectRun(state.type.value, state.name, run.end_time, beat, host)
+        beat, host, pid = last_heartbeat(client, run_id) if state.type.value == "RUNNING" else (None, None, None)
+        return PrefectRun(state.type.value, state.name, run.end_time, beat, host, pid)
 
     return ask
 
 
-def last_heartbeat(client, run_id: str) -> tuple[datetime | None, str | None]:
-    """When the run last beat and from which host: slipstream's own heartbeat
-    (``tasks/heartbeat.py``, whose payload names its host) or the one a Prefect runner sends with
-    ``PREFECT_RUNNER_HEARTBEAT_FREQUENCY`` set (host unknown); ``(None, None)`` if it never did."""
+def last_heartbeat(client, run_id: str) -> tuple[datetime | None, str | None, int | None]:
+    """When the run last beat, from which host and process: slipstream's own heartbeat
+    (``tasks/heartbeat.py``, whose payload names them) or the one a Prefect runner sends with
+    ``PREFECT_RUNNER_HEARTBEAT_FREQUENCY`` set (sender unknown); all None if it never beat."""
     from prefect.events.filters import EventFilter, EventNameFilter, EventOrder, EventResourceFilter
 
     try:
@@ -90,12 +90,13 @@ def last_heartbeat(client, run_id: str) -> tuple[datetime | None, str | None]:
             order=EventOrder.DESC), limit=1)
     except Exception as err:  # noqa: BLE001 - without beats the run is judged by its state alone
         log.info("could not read the heartbeat of run %s: %s", run_id, err)
-        return None, None
+        return None, None, None
     if not page.events:
-        return None, None
+        return None, None, None
     newest = page.events[0]
-    host = (newest.payload or {}).get("host")
-    return newest.occurred, host if isinstance(host, str) and host else None
+    host, pid = (newest.payload or {}).get("host"), (newest.payload or {}).get("pid")
+    return (newest.occurred, host if isinstance(host, str) and host else None,
+            pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
 
 
 def configured_clouds(client, extra: Iterable[str] = ()) -> list[str]:

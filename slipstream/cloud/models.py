@@ -30,6 +30,10 @@ class ServerStatus(StrEnum):
     DELETED = "DELETED"
 
 
+#: The statuses in which Nova accepts a metadata update (so a lease renewal) of a server that is
+#: not changing state: not while it builds, is shelved, or is in ERROR.
+LEASE_RENEWABLE = (ServerStatus.ACTIVE, ServerStatus.SHUTOFF, ServerStatus.SUSPENDED)
+
 # Names end up in hostnames and Jetstream2's automatic DNS records, and in Slurm node names:
 # keep them DNS labels, which also means nothing a shell would interpret.
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -149,6 +153,7 @@ class LeaseRenewal:
     expires_at: datetime
     renewed_at: datetime
     renewed_by: str  # host name of the renewing process
+    renewed_pid: int = 0  # ... and its pid (0: not known)
 
     def metadata(self) -> dict[str, str]:
         """The keys a renewal writes (``expires_at`` replaces the ownership's)."""
@@ -156,6 +161,7 @@ class LeaseRenewal:
             f"{_META_PREFIX}expires_at": self.expires_at.astimezone(UTC).isoformat(timespec="seconds"),
             f"{_META_PREFIX}renewed_at": self.renewed_at.astimezone(UTC).isoformat(timespec="seconds"),
             f"{_META_PREFIX}renewed_by": self.renewed_by[:255],
+            f"{_META_PREFIX}renewed_pid": str(self.renewed_pid),
         }
 
     def check_extends(self, due_before: datetime) -> None:
@@ -172,7 +178,7 @@ class LeaseRenewal:
         try:
             return cls(datetime.fromisoformat(metadata[f"{_META_PREFIX}expires_at"]),
                        datetime.fromisoformat(metadata[f"{_META_PREFIX}renewed_at"]),
-                       metadata[f"{_META_PREFIX}renewed_by"])
+                       metadata[f"{_META_PREFIX}renewed_by"], int(metadata.get(f"{_META_PREFIX}renewed_pid", 0)))
         except (KeyError, ValueError):
             return None
 

@@ -186,13 +186,13 @@ class Lease:
         renewal that changed something is noted in the ledger."""
         self._note_process()  # a process that adopted its run's resources holds them too
         now = now or datetime.now(UTC)
-        renewal = LeaseRenewal(now + after, now, socket.gethostname())
+        renewal = LeaseRenewal(now + after, now, socket.gethostname(), os.getpid())
         renewed = self.cloud.renew_lease(self.owner.run_id, renewal, due_before=now + after / 2)
         if renewal.expires_at > self.owner.expires_at:
             self.owner = replace(self.owner, expires_at=renewal.expires_at)
         if renewed:
             self.ledger.record_renewal(LeaseRenewalRecord(self.owner.run_id, self.cloud.name, renewal.renewed_by,
-                                                          os.getpid(), now, renewal.expires_at, renewed))
+                                                          renewal.renewed_pid, now, renewal.expires_at, renewed))
             log.info("run %s: lease of %d resource(s) renewed until %s UTC", self.owner.run_id, renewed,
                      f"{renewal.expires_at:%H:%M:%S}")
         return renewed
@@ -325,6 +325,13 @@ class Lease:
             describe=lambda v: f"{v.name} ({v.status})",
             hint="A volume still `deleting` is Cinder at work and usually goes; run "
             "`slipstream reap --yes` later to finish any other.")
+
+
+def first_lease(boot_timeout: timedelta) -> timedelta:
+    """The lease a beating run's resources get when created: at least :data:`FIRST_LEASE`, and
+    long enough for the slowest boot the run allows plus a renewal window (Nova does not let a
+    building server's lease be renewed)."""
+    return max(FIRST_LEASE, boot_timeout + LEASE_AFTER_BEAT)
 
 
 def lease_for_walltime(max_hours: float) -> timedelta:

@@ -15,12 +15,12 @@ evidence, in this order:
      (its host died with it) → CRASHED;
    - a *fresh* heartbeat wins over this host's process table (a retry picked up by a worker on
      another host beats while this host's process is gone) → LIVE; unless that beat came from
-     this host, whose processes of the run are all gone;
+     one of this host's recorded processes of the run, which are all gone;
    - no heartbeat, and this host's processes are all gone → CRASHED (a flow killed outside a
      runner never reports its crash), unless the run is held elsewhere (below).
 3. **This host's ledger alone**: the run's processes were all on this host and are gone, and no
-   other host renewed its lease since (a renewal stamped on its resources, see
-   :class:`~slipstream.cloud.models.LeaseRenewal`) → CRASHED.
+   other process renewed its lease since (a renewal stamped on its resources with its host and
+   pid, see :class:`~slipstream.cloud.models.LeaseRenewal`) → CRASHED.
 4. Everything else is not evidence: UNKNOWN (Prefect was asked and has no such run: a teammate's
    Prefect server, ``vm_job()`` with a temporary server, a plain-Python Lease on another host, an
    id Prefect never made) or UNRESOLVED (Prefect could not be asked). Such runs wait for their
@@ -72,7 +72,8 @@ class PrefectRun:
     state_name: str
     ended_at: datetime | None = None
     last_heartbeat: datetime | None = None  # the run's newest heartbeat, if it ever beat
-    heartbeat_host: str | None = None  # the host that sent it, when the beat says so
+    heartbeat_host: str | None = None  # the host and process that sent it, when the beat says so
+    heartbeat_pid: int | None = None
 
 
 class PrefectUnreachable(Exception):
@@ -140,10 +141,10 @@ class RunResolver:
                 return RunStatus(RunState.LIVE, f"process {proc.pid} on {proc.host} is running")
         local_and_gone = bool(procs) and all(p.host == self.host for p in procs)
         gone = f"its process {', '.join(str(p.pid) for p in procs)} on {self.host} is gone"
-        elsewhere = self._held_elsewhere(run_id)
+        elsewhere = self._held_elsewhere(run_id, procs)
         prefect = self._ask(run_id)
         if isinstance(prefect, PrefectRun):
-            return self._from_prefect(prefect, local_and_gone, gone, elsewhere)
+            return self._from_prefect(prefect, procs, local_and_gone, gone, elsewhere)
         if local_and_gone and not elsewhere:
             return RunStatus(RunState.CRASHED, gone)
         why = f"; {elsewhere}" if elsewhere else ""
@@ -151,7 +152,8 @@ class RunResolver:
             return RunStatus(RunState.UNKNOWN, f"Prefect has no such run and no process here holds it{why}")
         return RunStatus(RunState.UNRESOLVED, f"Prefect not asked and this host has no record of the run{why}")
 
-    def _from_prefect(self, prefect: PrefectRun, local_and_gone: bool, gone: str, elsewhere: str) -> RunStatus:
+    def _from_prefect(self, prefect: PrefectRun, procs: list[RunProcess], local_and_gone: bool, gone: str,
+                      elsewhere: str) -> RunStatus:
         state = _PREFECT_STATES.get(prefect.state_type, RunState.UNKNOWN)
         name = prefect.state_name
         if state != RunState.LIVE:
@@ -160,7 +162,7 @@ class RunResolver:
         if beat is not None and datetime.now(UTC) - beat > STALE_AFTER:
             return RunStatus(RunState.CRASHED, f"Prefect says {name} but its heartbeat "
                              f"stopped at {beat:%Y-%m-%d %H:%M:%S} UTC", beat)
-        beat_explained_here = local_and_gone and prefect.heartbeat_host == self.host
+        beat_explained_here = local_and_gone and self._one_of(prefect.heartbeat_host, prefect.heartbeat_pid, procs)
         if beat is not None and not beat_explained_here:  # a fresh beat wins over this host's processes
             sender = f" from {prefect.heartbeat_host}" if prefect.heartbeat_host else ""
             return RunStatus(RunState.LIVE, f"Prefect: {name}, heartbeat{sender} at {beat:%H:%M:%S} UTC")
@@ -168,11 +170,17 @@ class RunResolver:
             return RunStatus(RunState.CRASHED, f"Prefect says {name} but {gone}")
         return RunStatus(RunState.LIVE, f"Prefect: {name}" + (f"; {elsewhere}" if elsewhere else ""))
 
-    def _held_elsewhere(self, run_id: str) -> str:
-        """Why the run may be held by a process on another host (its lease renewed from there
-        and not yet expired), or "" if nothing says so."""
+    def _one_of(self, host: str | None, pid: int | None, procs: list[RunProcess]) -> bool:
+        """Was ``pid`` on ``host`` one of this host's recorded processes ``procs``? (A same-named
+        host, or a process the ledger never saw, is someone else.)"""
+        return host == self.host and any(p.pid == pid for p in procs)
+
+    def _held_elsewhere(self, run_id: str, procs: list[RunProcess]) -> str:
+        """Why the run may be held by a process other than this host's recorded ones (its lease
+        renewed by it and not yet expired), or "" if nothing says so."""
         renewal = self.renewals.get(run_id)
-        if renewal is None or renewal.renewed_by == self.host or renewal.expires_at <= datetime.now(UTC):
+        if (renewal is None or renewal.expires_at <= datetime.now(UTC)
+                or self._one_of(renewal.renewed_by, renewal.renewed_pid, procs)):
             return ""
         return (f"its lease was renewed by {renewal.renewed_by} at {renewal.renewed_at:%Y-%m-%d %H:%M} UTC "
                 f"until {renewal.expires_at:%H:%M} UTC")

@@ -166,8 +166,32 @@ def test_a_flow_beats_its_heartbeat_while_it_works(cloud_env, prefect_api, monke
     result = vm_job(flavor="m3.tiny", command="sleep 3")
     beats = wait_until(lambda: (b := _beats(result.run_id)) and len(b) >= 4 and b, timeout=60,
                        what="the run's heartbeats")
-    assert all(b.payload == {"cloud": "local", "pipeline": "vm-job", "host": socket.gethostname()} for b in beats)
+    assert all(b.payload == {"cloud": "local", "pipeline": "vm-job", "host": socket.gethostname(), "pid": os.getpid()}
+               for b in beats)
     assert result.teardown_clean
+
+
+def test_a_cloud_that_hangs_on_renewals_does_not_silence_the_heartbeat(cloud_env, prefect_api, tmp_path):
+    """The Prefect event and the lease renewal beat on threads of their own: a renewal that takes
+    a minute (an OpenStack API that hangs) must not stop the beats the reaper judges the run by."""
+    from dataclasses import replace
+
+    from slipstream.cloud.local import FaultOptions, LocalCloud
+    from slipstream.tasks.heartbeat import run_heartbeat
+
+    from datetime import UTC, datetime, timedelta
+
+    lease = Lease(cloud_env, Ownership.new("slow-cloud"), ledger=Ledger(tmp_path / "ledger.db"))
+    LocalCloud(options=replace(cloud_env.options, faults=FaultOptions(slow_calls={"renew_lease": 10.0})))
+    hang_ends = datetime.now(UTC) + timedelta(seconds=10)
+    beating = run_heartbeat(lease, interval=0.2).start()
+    try:
+        beats = wait_until(lambda: (b := _beats(lease.owner.run_id)) and len(b) >= 5 and b, timeout=60,
+                           what="five beats stored")
+        assert len([b for b in beats if b.occurred < hang_ends]) >= 5  # sent while the renewal hung
+    finally:
+        LocalCloud(options=replace(cloud_env.options, faults=FaultOptions()))
+        assert beating.stop(timeout=30)  # the hanging renewal ends, then both threads
 
 
 def _beats(run_id: str) -> list:

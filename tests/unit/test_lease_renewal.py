@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from slipstream.cloud.errors import InvalidRequest
+from slipstream.cloud.local import FaultOptions, LocalCloud
 from slipstream.cloud.models import Keypair, LeaseRenewal, Ownership, ServerSpec
-from slipstream.ownership.lease import Lease
+from slipstream.cloud.waiting import wait_for_servers
+from slipstream.ownership.lease import FIRST_LEASE, LEASE_AFTER_BEAT, Lease, first_lease
 from slipstream.ownership.ledger import Ledger
 
 NOOP = "slipstream-noop"
@@ -30,8 +33,9 @@ def expiries(cloud, run_id: str) -> list[datetime]:
 def test_a_renewal_pushes_every_server_and_volume_in_one_request_and_is_recorded(local_cloud, ledger):
     owner = Ownership.new("renew", lease=timedelta(minutes=10))
     with Lease(local_cloud, owner, ledger=ledger) as lease:
-        lease.create_servers(ServerSpec("w", "m3.tiny", NOOP, count=3))
+        made = lease.create_servers(ServerSpec("w", "m3.tiny", NOOP, count=3))
         lease.create_volume("scratch", 1)
+        wait_for_servers(local_cloud, owner.run_id, [s.id for s in made], timeout=20, poll_interval=0.05)
         calls = local_cloud.api_calls
         now = datetime.now(UTC)
         assert lease.renew(timedelta(minutes=30), now=now) == 4
@@ -70,11 +74,25 @@ def test_a_renewal_never_shortens_a_lease(local_cloud, ledger):
 def test_a_renewal_touches_only_its_own_run(local_cloud, ledger):
     mine, theirs = (Ownership.new(p, lease=timedelta(minutes=1)) for p in ("mine", "theirs"))
     with Lease(local_cloud, mine, ledger=ledger) as a, Lease(local_cloud, theirs, ledger=ledger) as b:
-        a.create_servers(ServerSpec("a", "m3.tiny", NOOP))
+        (made,) = a.create_servers(ServerSpec("a", "m3.tiny", NOOP))
         b.create_servers(ServerSpec("b", "m3.tiny", NOOP))
+        wait_for_servers(local_cloud, mine.run_id, [made.id], timeout=20, poll_interval=0.05)
         assert a.renew(timedelta(minutes=30)) == 1
         assert [s.ownership.expires_at for s in local_cloud.list_servers(theirs.run_id)] == \
                [theirs.expires_at.replace(microsecond=0)]
+
+
+def test_like_nova_a_building_or_shelved_server_keeps_the_lease_it_has(local_cloud, ledger):
+    owner = Ownership.new("states", lease=timedelta(minutes=1))
+    LocalCloud(options=replace(local_cloud.options, faults=FaultOptions(extra_boot_delay=3.0)))
+    with Lease(local_cloud, owner, ledger=ledger) as lease:
+        up, shelved = lease.create_servers(ServerSpec("s", "m3.tiny", NOOP, count=2))
+        assert lease.renew(timedelta(minutes=30)) == 0  # both still building (for 3 s)
+        wait_for_servers(local_cloud, owner.run_id, [up.id, shelved.id], timeout=20, poll_interval=0.05)
+        local_cloud.shelve_server(shelved.id)
+        assert lease.renew(timedelta(minutes=30)) == 1
+        by_id = {s.id: s.ownership.expires_at for s in local_cloud.list_servers(owner.run_id)}
+        assert by_id[shelved.id] == owner.expires_at.replace(microsecond=0) < by_id[up.id]
 
 
 def test_keypairs_are_owned_only_for_run_ids_slipstream_makes(local_cloud, ledger):
@@ -86,3 +104,8 @@ def test_keypairs_are_owned_only_for_run_ids_slipstream_makes(local_cloud, ledge
     assert local_cloud.list_keypairs() == []
     for made in ("0123456789abcdef0123456789abcdef", "01234567-89ab-cdef-0123-456789abcdef"):
         assert Keypair.run_of(Keypair.name_for_run(made)) == made
+
+
+def test_a_beating_runs_first_lease_covers_its_slowest_boot():
+    assert first_lease(timedelta(minutes=15)) == FIRST_LEASE == timedelta(hours=1)
+    assert first_lease(timedelta(hours=2)) == timedelta(hours=2) + LEASE_AFTER_BEAT

@@ -16,6 +16,7 @@ import pytest
 
 from slipstream.cloud.local.processes import proc_stat
 from slipstream.cloud.models import LeaseRenewal, Ownership, ServerSpec
+from slipstream.cloud.waiting import wait_for_servers
 from slipstream.ownership.ledger import Ledger, RunProcess
 from slipstream.ownership.reaper import PrefectRun, RunResolver, RunState, Timing, Verdict, reap
 
@@ -35,17 +36,19 @@ def run_with_resources(cloud, *, lease: timedelta = timedelta(hours=2), run_id: 
     """A run holding a keypair and a server, created by no process this host's ledger knows."""
     who = Ownership.new("elsewhere", run_id=run_id or str(uuid.uuid4()), lease=lease)
     cloud.create_keypair(f"slipstream-{who.run_id}", KEY)
-    cloud.create_servers(ServerSpec("held", "m3.tiny", NOOP), who)
+    (server,) = cloud.create_servers(ServerSpec("held", "m3.tiny", NOOP), who)
+    wait_for_servers(cloud, who.run_id, [server.id], timeout=20, poll_interval=0.05)  # renewable from now on
     return who
 
 
-def gone_process_here(ledger: Ledger, run_id: str) -> None:
-    """Record a real process of this host as the run's holder, then end it."""
+def gone_process_here(ledger: Ledger, run_id: str) -> int:
+    """Record a real process of this host as the run's holder, then end it; returns its pid."""
     proc = subprocess.Popen(["sleep", "60"])
     start = proc_stat(proc.pid).start
     proc.kill()
     proc.wait(timeout=10)
     ledger.record_run_process(RunProcess(run_id, "elsewhere", "local", HERE, proc.pid, start, datetime.now(UTC)))
+    return proc.pid
 
 
 def kinds_left(cloud, run_id: str) -> list[str]:
@@ -86,18 +89,23 @@ def test_a_plain_python_run_on_another_host_is_not_reaped_without_prefect(local_
 
 def test_a_retry_on_another_host_with_a_fresh_heartbeat_is_live_though_its_process_here_is_gone(local_cloud, ledger):
     run = run_with_resources(local_cloud)
-    gone_process_here(ledger, run.run_id)
+    dead_pid = gone_process_here(ledger, run.run_id)
     now = datetime.now(UTC)
-    retried = PrefectRun("RUNNING", "Running", last_heartbeat=now - timedelta(seconds=20),
-                         heartbeat_host="worker-b")
-    report = reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=lambda r: retried),
-                  grace=NO_GRACE, act=True, ledger=ledger)
-    (verdict,) = report.verdicts
-    assert verdict.status.state == RunState.LIVE and "heartbeat from worker-b" in verdict.status.basis
-    assert verdict.verdict == Verdict.KEEP and kinds_left(local_cloud, run.run_id) == ["keypair", "server"]
+    for host, pid in (("worker-b", 4242), ("worker-b", dead_pid), (HERE, dead_pid + 1), (None, None)):
+        # Another host (whatever its pid), or a process of this host's name the ledger never saw
+        # (a same-named machine), or a runner's beat that does not say: all outweigh the dead pid.
+        retried = PrefectRun("RUNNING", "Running", last_heartbeat=now - timedelta(seconds=20),
+                             heartbeat_host=host, heartbeat_pid=pid)
+        report = reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=lambda r: retried),
+                      grace=NO_GRACE, act=True, ledger=ledger)
+        (verdict,) = report.verdicts
+        assert verdict.status.state == RunState.LIVE and "heartbeat" in verdict.status.basis, (host, pid)
+        assert verdict.verdict == Verdict.KEEP and kinds_left(local_cloud, run.run_id) == ["keypair", "server"]
+        assert host is None or f"heartbeat from {host}" in verdict.status.basis
 
-    # The same fresh beat sent by this host's (now dead) process explains nothing: crashed.
-    mine = PrefectRun("RUNNING", "Running", last_heartbeat=now - timedelta(seconds=20), heartbeat_host=HERE)
+    # A fresh beat sent by this host's recorded (now dead) process explains nothing: crashed.
+    mine = PrefectRun("RUNNING", "Running", last_heartbeat=now - timedelta(seconds=20), heartbeat_host=HERE,
+                      heartbeat_pid=dead_pid)
     report = reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=lambda r: mine),
                   grace=NO_GRACE, act=True, ledger=ledger)
     assert report.verdicts[0].status.state == RunState.CRASHED and report.proofs[run.run_id].clean
@@ -106,20 +114,22 @@ def test_a_retry_on_another_host_with_a_fresh_heartbeat_is_live_though_its_proce
 
 def test_a_lease_renewed_from_another_host_outweighs_this_hosts_dead_process(local_cloud, ledger):
     run = run_with_resources(local_cloud)
-    gone_process_here(ledger, run.run_id)
+    dead_pid = gone_process_here(ledger, run.run_id)
     resolver = RunResolver(ledger.run_processes())
     assert resolver(run.run_id).state == RunState.CRASHED  # this host's record alone: its process died
 
     now = datetime.now(UTC)
-    local_cloud.renew_lease(run.run_id, LeaseRenewal(now + timedelta(hours=3), now, "worker-b"),
-                            due_before=now + timedelta(hours=3))
-    report = reap(local_cloud, RunResolver(ledger.run_processes()), grace=NO_GRACE, act=True, ledger=ledger)
-    (verdict,) = report.verdicts
-    assert verdict.status.state == RunState.UNRESOLVED and "renewed by worker-b" in verdict.status.basis
-    assert verdict.verdict == Verdict.KEEP and kinds_left(local_cloud, run.run_id) == ["keypair", "server"]
+    # Another host; or this host's name but a process the ledger never saw (a same-named machine).
+    for hours, host, pid in ((3, "worker-b", 0), (3.5, HERE, dead_pid + 1)):
+        renewal = LeaseRenewal(now + timedelta(hours=hours), now, host, pid)
+        assert local_cloud.renew_lease(run.run_id, renewal, due_before=renewal.expires_at) == 1
+        report = reap(local_cloud, RunResolver(ledger.run_processes()), grace=NO_GRACE, act=True, ledger=ledger)
+        (verdict,) = report.verdicts
+        assert verdict.status.state == RunState.UNRESOLVED and f"renewed by {host}" in verdict.status.basis
+        assert verdict.verdict == Verdict.KEEP and kinds_left(local_cloud, run.run_id) == ["keypair", "server"]
 
-    # A renewal by this very host does not count as "held elsewhere".
-    local_cloud.renew_lease(run.run_id, LeaseRenewal(now + timedelta(hours=4), now, HERE),
+    # A renewal by the recorded (dead) process itself does not count as "held elsewhere".
+    local_cloud.renew_lease(run.run_id, LeaseRenewal(now + timedelta(hours=4), now, HERE, dead_pid),
                             due_before=now + timedelta(hours=4))
     report = reap(local_cloud, RunResolver(ledger.run_processes()), grace=NO_GRACE, act=True, ledger=ledger)
     assert report.verdicts[0].status.state == RunState.CRASHED and report.proofs[run.run_id].clean

@@ -16,6 +16,7 @@ Boot-time faults (extra delay, forced ERROR, no capacity) are applied where serv
 from __future__ import annotations
 
 import random
+import time
 
 from slipstream.cloud.errors import TransientError
 from slipstream.cloud.local.options import FaultOptions, check_operation
@@ -43,7 +44,9 @@ class FaultInjector:
         return int(row["fail_next"]) if row else 0
 
     def before(self, operation: str, faults: FaultOptions) -> None:
-        """Raise TransientError if ``operation`` is to fail now."""
+        """Take ``slow_calls`` seconds if ``operation`` is slow; raise TransientError if it is to fail now."""
+        if faults.slow_calls.get(operation):
+            time.sleep(float(faults.slow_calls[operation]))  # the injected latency itself
         if self.pending(operation) > 0:  # cheap read first: a write lock only when needed
             with self.store.write() as con:
                 hit = con.execute(

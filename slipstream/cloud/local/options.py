@@ -86,6 +86,8 @@ class FaultOptions:
       once, when these options are passed to ``LocalCloud``; :meth:`LocalCloud.fail_next` adds
       bursts at run time. The counter lives in the database, so any process's calls consume it.
     - ``extra_boot_delay``: seconds added to every boot.
+    - ``slow_calls``: operation -> seconds each call of it takes before it answers (an API that
+      hangs, e.g. while a heartbeat renews a lease).
     - ``error_flavors``: flavours whose servers go to ERROR at the end of their boot.
     - ``no_capacity``: flavours or families (e.g. ``"g3"``) for which no host is ever found.
     - ``quota_recheck``: flavours or families whose batches pass the quota check when the call is
@@ -101,6 +103,7 @@ class FaultOptions:
     error_flavors: tuple[str, ...] = ()
     no_capacity: tuple[str, ...] = ()
     quota_recheck: tuple[str, ...] = ()
+    slow_calls: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for op, rate in self.error_rates.items():
@@ -113,6 +116,10 @@ class FaultOptions:
                 raise InvalidRequest(f"fail_next for {op} must be a whole number >= 0, got {count!r}")
         if self.extra_boot_delay < 0:
             raise InvalidRequest(f"extra_boot_delay must be >= 0, got {self.extra_boot_delay!r}")
+        for op, seconds in self.slow_calls.items():
+            check_operation(op)
+            if not float(seconds) >= 0:
+                raise InvalidRequest(f"slow_calls for {op} must be >= 0 seconds, got {seconds!r}")
 
     def rate_for(self, operation: str) -> float:
         return float(self.error_rates.get(operation, self.error_rates.get("*", 0.0)))
@@ -201,6 +208,7 @@ class LocalCloudOptions:
                 error_flavors=tuple(faults.get("error_flavors") or ()),
                 no_capacity=tuple(faults.get("no_capacity") or ()),
                 quota_recheck=tuple(faults.get("quota_recheck") or ()),
+                slow_calls=dict(faults.get("slow_calls") or {}),
             ),
             ssh_port=data.get("ssh_port"),
             network=data.get("network", "127.64.0.0/16"),

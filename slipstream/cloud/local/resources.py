@@ -7,7 +7,8 @@
   server leaves its floating IP allocated and unattached, as Neutron does.
 - Volumes: records only (size, metadata, available/in-use), counted against the volume quota.
 - Leases: :meth:`renew_lease` updates every due server and volume of a run in one transaction
-  (the one request per beat a cloud with batch updates would need).
+  (the one request per beat a cloud with batch updates would need); servers only in the states
+  Nova allows (not building, shelved or in ERROR).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from slipstream.cloud.errors import Conflict, InvalidRequest, NotFound, QuotaExc
 from slipstream.cloud.local import addresses, vms
 from slipstream.cloud.local.base import LocalCloudBase, api
 from slipstream.cloud.local.store import dumps, utc_iso
-from slipstream.cloud.models import FloatingIP, Keypair, LeaseRenewal, Ownership, ServerStatus, Volume
+from slipstream.cloud.models import LEASE_RENEWABLE, FloatingIP, Keypair, LeaseRenewal, Ownership, ServerStatus, Volume
 
 _KEYPAIR_NAME = re.compile(r"^[A-Za-z0-9_. -]{1,255}$")  # Nova: letters, digits, '_', '-', '.', ' '
 _KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
@@ -198,8 +199,9 @@ class ResourceOps(LocalCloudBase):
     def renew_lease(self, run_id: str, renewal: LeaseRenewal, *, due_before) -> int:
         renewal.check_extends(due_before)
         stamp, renewed = renewal.metadata(), 0
-        with self._store.write() as con:
-            for table, live in (("servers", "status != 'DELETED'"), ("volumes", "1")):
+        servers = f"status IN ({', '.join(repr(str(s)) for s in LEASE_RENEWABLE)}) AND pending IS NULL"  # as Nova
+        with self._changing() as con:
+            for table, live in (("servers", servers), ("volumes", "1")):
                 for row in con.execute(f"SELECT id, metadata FROM {table} WHERE run_id = ? AND {live}",
                                        (run_id,)).fetchall():
                     metadata = json.loads(row["metadata"])

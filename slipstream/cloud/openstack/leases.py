@@ -6,9 +6,11 @@ one request per resource *that is due* — the Lease asks for renewal only of le
 half the renewal window left (:data:`slipstream.ownership.lease.LEASE_AFTER_BEAT`), so a run of N
 servers sends about N + 2 requests per half window (every 15 minutes), and 2 per beat otherwise.
 
-Nova refuses metadata updates while a server builds, is in ERROR or is shelved; such servers are
-left as they are (a building server has a fresh lease; the others cost little or nothing) and
-renewed at a later beat if they change state.
+Nova refuses metadata updates while a server builds, is in ERROR or is shelved
+(:data:`~slipstream.cloud.models.LEASE_RENEWABLE`); such servers keep the lease they have and are
+renewed at a later beat if they change state. The reaper judges a run by the latest lease among
+its resources, so a run's shelved servers live as long as its renewed ones; a run whose servers
+are *all* shelved keeps only its last lease (shelved servers cost no SUs).
 """
 
 from __future__ import annotations
@@ -16,11 +18,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from slipstream.cloud.errors import Conflict
-from slipstream.cloud.models import LeaseRenewal, ServerStatus
+from slipstream.cloud.models import LEASE_RENEWABLE, LeaseRenewal
 from slipstream.cloud.openstack.base import OpenStackBase, log
-
-#: The server states in which Nova accepts a metadata update.
-_RENEWABLE = (ServerStatus.ACTIVE, ServerStatus.SHUTOFF, ServerStatus.SUSPENDED)
 
 
 class LeaseOperations(OpenStackBase):
@@ -29,7 +28,7 @@ class LeaseOperations(OpenStackBase):
         stamp, renewed = renewal.metadata(), 0
         for server in self.list_servers(run_id):  # type: ignore[attr-defined]
             owner = server.ownership
-            if owner is None or owner.expires_at >= due_before or server.status not in _RENEWABLE:
+            if owner is None or owner.expires_at >= due_before or server.status not in LEASE_RENEWABLE:
                 continue
             try:
                 self._call("renewing a server's lease",
