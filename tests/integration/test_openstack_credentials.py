@@ -36,6 +36,7 @@ from slipstream.cloud.waiting import wait_for_servers
 from slipstream.jetstream2 import DEFAULT_IMAGE
 from slipstream.ownership.lease import Lease
 from slipstream.ownership.ledger import Ledger
+from slipstream.retry import RetryPolicy
 
 pytestmark = pytest.mark.lab
 TOKENS = r"/v3/auth/tokens$"
@@ -123,7 +124,10 @@ def stalled_endpoint():
 def test_every_request_has_a_timeout_so_a_stalled_connection_fails_the_poll(lab_cloud, stalled_endpoint):
     default = lab_cloud.conn.session.timeout  # without any setting (documented: 60 s)
     assert default is not None and 0 < default <= 120
-    cloud = open_lab_cloud(api_timeout=0.5)
+    # 3 s: short enough to see the stall fail, long enough for the lab's Keystone on a busy machine
+    cloud = open_lab_cloud(api_timeout=3)
+    assert cloud.conn.session.timeout == 3
+    cloud.read_retry = RetryPolicy(attempts=1)  # one poll, not the listing's five tries
     cloud.conn.config.config["compute_endpoint_override"] = stalled_endpoint  # before compute's first use
     outcome: list[BaseException | object] = []
 
@@ -136,10 +140,10 @@ def test_every_request_has_a_timeout_so_a_stalled_connection_fails_the_poll(lab_
     started = time.monotonic()
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
-    thread.join(timeout=60)
-    assert outcome, "the poll is still blocked on the stalled connection after 60 s"
+    thread.join(timeout=120)
+    assert outcome, "the poll is still blocked on the stalled connection after 120 s"
     assert isinstance(outcome[0], TransientError) and "timed out" in str(outcome[0]).lower()
-    assert time.monotonic() - started < 30  # five attempts of 0.5 s each, plus backoff
+    assert time.monotonic() - started < 60  # a few 3 s requests (version discovery, the listing)
     cloud.close()
 
 
