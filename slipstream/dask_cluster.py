@@ -89,7 +89,7 @@ from slipstream.scaling.policy import (
     WorkerPhase,
     WorkerView,
 )
-from slipstream.scaling.pool import WORKER_TABLE, Link, WorkerAction, WorkerObservation, WorkerPool, vm_state
+from slipstream.scaling.pool import WORKER_TABLE, Link, VmState, WorkerAction, WorkerObservation, WorkerPool, vm_state
 
 __all__ = ["DEFAULT_WORKER_PACKAGES", "CloudDaskCluster", "PolicyAdaptive", "worker_user_data"]
 
@@ -120,7 +120,9 @@ class JoinedNames(SchedulerPlugin):
         self.vms = vms
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
-        self.vms.joined.add(str(scheduler.workers[worker].name))
+        name = str(scheduler.workers[worker].name)
+        self.vms.joined.add(name)
+        self.vms.unparking.discard(name)
 
 
 class CloudWorker(ProcessInterface):
@@ -186,6 +188,8 @@ class PolicyAdaptive(Adaptive):
             since = vms.requested_at.get(name, now)
             link = Link.JOINED if name in joined else Link.LATE if now - since > late_after else Link.NOT_YET
             state = vm_state(seen.get(name), parked=name in parked)
+            if state == VmState.STOPPED and name in vms.unparking and link == Link.NOT_YET:
+                state = VmState.BOOTING  # still SHELVED/SHUTOFF just after the unpark call: give it its deadline
             action = WORKER_TABLE.action_for(WorkerObservation(name, state, link))
             if action in (WorkerAction.DELETE, WorkerAction.FORGET):
                 log.warning("worker %s: %s, %s -> %s", name, state, link, action)
@@ -231,9 +235,10 @@ class PolicyAdaptive(Adaptive):
 
     async def target(self) -> int:
         decision = self.policy.decide(self.observe())
-        if decision.launch and self.cluster.vms.backing_off():
-            decision = replace(decision, launch=0, target=decision.target - decision.launch,
-                               reason=f"{decision.reason}; not launching after: {self.cluster.vms.error}")
+        if (decision.launch or decision.unpark) and self.cluster.vms.backing_off():
+            decision = replace(decision, launch=0, unpark=(),
+                               target=decision.target - decision.launch - len(decision.unpark),
+                               reason=f"{decision.reason}; backing off after: {self.cluster.vms.error}")
         self.decision = decision
         if decision.launch or decision.unpark or decision.release or decision.cancel:
             self.decisions.append(decision)
@@ -289,7 +294,7 @@ class CloudDaskCluster(SpecCluster):
         self.teardown_proof: TeardownProof | None = None
         # Unique per cluster, not only per run: two clusters of one run never share a worker name.
         run = re.sub(r"[^a-z0-9]", "", self.owner.run_id.lower())[:8] or "pool"
-        prefix = f"dask-{run}-{secrets.token_hex(2)}"
+        prefix = f"dask-{run}-{secrets.token_hex(3)}"
         self.tls = ClusterTLS.new(prefix)
         pool = WorkerPool(self.lease, flavor=self.config.chosen_flavor, image=image, prefix=prefix,
                           idle=self.config.idle, key_name=key_name, metadata={"slipstream:role": "dask-worker"})
@@ -382,6 +387,7 @@ class CloudDaskCluster(SpecCluster):
     async def _close(self) -> None:
         self.vms.closing = True
         try:
+            await self.vms.settle(timeout=120)  # a create call in flight must not outlive the teardown
             await super()._close()
         finally:
             if self.teardown_proof is None:

@@ -57,11 +57,11 @@ def test_a_worker_holding_results_is_not_released_and_its_task_runs_once(local_c
 
 
 def test_an_unshelved_worker_rejoins_through_the_real_health_check(local_cloud):
-    # boot_timeout 3 s: before the fix the check counted from the worker's *first* boot, so the
+    # boot_timeout 8 s: before the fix the check counted from the worker's *first* boot, so the
     # unshelved worker, up but not joined yet, was judged "never joined" and deleted.
     scaling = {**FAST, "max_workers": 1, "cooldown_seconds": 4.0,
                "idle": {"action": "shelve", "park_when_back_within_seconds": 3600}}
-    with CloudDaskCluster(local_cloud, image="slipstream-noop", scaling=scaling, boot_timeout=3.0) as cluster:
+    with CloudDaskCluster(local_cloud, image="slipstream-noop", scaling=scaling, boot_timeout=8.0) as cluster:
         adaptive = cluster.adapt(minimum=0, maximum=1, interval="0.2s", cloud_check_seconds=0.2)
         with distributed.Client(cluster) as client:
             # Two bursts 3 s apart: the forecast expects a third, so the released worker is shelved.
@@ -72,7 +72,7 @@ def test_an_unshelved_worker_rejoins_through_the_real_health_check(local_cloud):
             wait_until(lambda: local_cloud.get_server(server.id).status == ServerStatus.SHELVED_OFFLOADED,
                        timeout=30, what="the idle worker shelved")
             wait_until(lambda: not joined(cluster), timeout=30, what="its dask worker gone")
-            time.sleep(3.5)  # parked longer than boot_timeout + boot_seconds, on purpose
+            time.sleep(8.5)  # parked longer than boot_timeout + boot_seconds, on purpose
             assert client.submit(lambda: time.sleep(0.5) or 3, pure=False).result(timeout=60) == 3  # unshelve
             assert joined(cluster) == [server.name]
             assert [s.id for s in live_servers(local_cloud, cluster)] == [server.id]  # the same VM
