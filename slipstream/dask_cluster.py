@@ -68,14 +68,13 @@ from typing import Any
 from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.spec import NoOpAwaitable, ProcessInterface, SpecCluster
-from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.scheduler import Scheduler
 
 from slipstream.cloud import open_cloud
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Ownership
 from slipstream.cloud.port import CloudProvider
-from slipstream.dask_workers import DEFAULT_WORKER_PACKAGES, ClusterTLS, WorkerVMs, worker_user_data
+from slipstream.dask_workers import DEFAULT_WORKER_PACKAGES, ClusterTLS, JoinedNames, WorkerVMs, worker_user_data
 from slipstream.jetstream2 import DEFAULT_IMAGE
 from slipstream.ownership.lease import EventCallback, Lease, TeardownProof
 from slipstream.scaling.idle import IdlePolicy
@@ -110,19 +109,6 @@ def _as_config(scaling: ScalingConfig | dict | None) -> ScalingConfig:
     except TypeError as err:
         raise InvalidRequest(f"bad scaling settings: {err}", resource="CloudDaskCluster",
                              hint="See slipstream.scaling.policy.ScalingConfig for the fields.") from None
-
-
-class JoinedNames(SchedulerPlugin):
-    """Notes each worker that joins the scheduler, so a VM whose worker never joined is deleted
-    rather than parked when released."""
-
-    def __init__(self, vms: WorkerVMs) -> None:
-        self.vms = vms
-
-    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
-        name = str(scheduler.workers[worker].name)
-        self.vms.joined.add(name)
-        self.vms.unparking.discard(name)
 
 
 class CloudWorker(ProcessInterface):
@@ -283,6 +269,9 @@ class CloudDaskCluster(SpecCluster):
                  boot_timeout: float = 900.0, key_name: str | None = None, on_event: EventCallback | None = None,
                  asynchronous: bool = False, loop: Any = None, name: str | None = None) -> None:
         cloud = open_cloud(cloud) if isinstance(cloud, str) else cloud
+        if contact_address and "://" in contact_address and not contact_address.startswith("tls://"):
+            raise InvalidRequest(f"contact_address {contact_address!r} is not a TLS address", resource="CloudDaskCluster",
+                                 hint="The scheduler speaks TLS only: give 'tls://host:port' or just 'host:port'.")
         self.config = _as_config(scaling)
         images = {i.name for i in cloud.list_images()}
         if image not in images:

@@ -32,6 +32,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.scheduler import Scheduler
 from distributed.security import Security
 
 from slipstream.cloud.errors import CloudError
@@ -281,3 +283,16 @@ class WorkerVMs:
         finally:
             with self._lock:
                 self._releasing.discard(name)
+
+
+class JoinedNames(SchedulerPlugin):
+    """Notes each worker that joins the scheduler, so a VM whose worker never joined is deleted
+    rather than parked when released."""
+
+    def __init__(self, vms: WorkerVMs) -> None:
+        self.vms = vms
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        name = str(scheduler.workers[worker].name)
+        self.vms.joined.add(name)
+        self.vms.unparking.discard(name)
