@@ -200,6 +200,10 @@ def test_the_scheduler_speaks_mutual_tls_with_this_clusters_keys_only(local_clou
         (server,) = local_cloud.list_servers(run_id=cluster.run_id)
         (key_file,) = Path(local_cloud.home).rglob("etc/slipstream-dask/worker.key")  # on the VM's disk
         assert (key_file.stat().st_mode & 0o777) == 0o600
+        (copy,) = Path(local_cloud.home).glob(f"vms/{server.id}/user_data")  # holds that key too
+        assert (copy.stat().st_mode & 0o077) == 0
+        (script,) = Path(local_cloud.home).rglob("instance/scripts/part-001")
+        assert (script.stat().st_mode & 0o077) == 0
         user_data = cluster.vms.pool.user_data
         assert cluster.tls.worker_key.strip() in user_data and cluster.tls.local_key.strip() not in user_data
         assert "PREFECT" not in user_data
