@@ -91,19 +91,30 @@ def _runner() -> CloudDaskTaskRunner:
     return FlowRunContext.get().task_runner
 
 
-def progress_line(cluster) -> str:
-    """Workers booting / joined / parked and tasks done, as the in-process scheduler sees them."""
-    s = cluster.scheduler
-    joined = {ws.name for ws in s.workers.values()}
-    booting = len([n for n in cluster.worker_spec if n not in joined])
-    counts: dict[str, int] = {}
-    for group in s.task_groups.values():
-        for state, n in group.states.items():
-            counts[state] = counts.get(state, 0) + n
-    done = sum(counts.get(k, 0) for k in ("memory", "released", "forgotten", "erred"))
-    line = (f"progress: {done}/{sum(counts.values())} tasks done; workers: {len(joined)} joined, {booting} booting, "
-            f"{len(cluster.vms.pool.parked())} parked; {len(cluster.launched)} VMs created so far")
-    return line + (f"; not launching: {cluster.scaling_error}" if cluster.scaling_error else "")
+class Progress:
+    """Workers booting / joined / parked and tasks done, as the in-process scheduler sees them.
+    Task groups the scheduler has forgotten (their results delivered) count as done."""
+
+    DONE = ("memory", "released", "forgotten", "erred")
+
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+        self.groups: dict[str, tuple[int, int]] = {}  # task group -> (done, total)
+
+    def line(self) -> str:
+        s, cluster = self.cluster.scheduler, self.cluster
+        current = {name: (sum(group.states.get(k, 0) for k in self.DONE), sum(group.states.values()))
+                   for name, group in list(s.task_groups.items())}
+        for name, (_, total) in self.groups.items():
+            if name not in current:
+                current[name] = (total, total)
+        self.groups = current
+        joined = {ws.name for ws in s.workers.values()}
+        booting = len([n for n in cluster.worker_spec if n not in joined])
+        line = (f"progress: {sum(d for d, _ in current.values())}/{sum(t for _, t in current.values())} tasks done; "
+                f"workers: {len(joined)} joined, {booting} booting, {len(cluster.vms.pool.parked())} parked; "
+                f"{len(cluster.launched)} VMs created so far")
+        return line + (f"; not launching: {cluster.scaling_error}" if cluster.scaling_error else "")
 
 
 @flow(name="dask-array-statistics")
@@ -114,16 +125,17 @@ def array_statistics(rows: int, cols: int, chunk_rows: int, seed: int, drain_sec
     when it is spent the cluster is closed (so adapt cannot relaunch) and its VMs are deleted."""
     logger = get_run_logger()
     cluster = _runner().client.cluster
-    progress = Periodic("dask-progress", lambda: logger.info(progress_line(cluster)), progress_seconds,
+    progress = Progress(cluster)
+    reporting = Periodic("dask-progress", lambda: logger.info(progress.line()), progress_seconds,
                         on_error=lambda err: logger.debug("no progress line this round: %s", err))
     with watching_budget(cluster.lease, budget_su, allocation=resolve_allocation(allocation),
                          interval=budget_check_seconds, stop_work=cluster.close):
-        progress.start()
+        reporting.start()
         try:
             stats = array_moments(rows, cols, chunk_rows, seed)
         finally:
-            progress.stop()
-        logger.info(progress_line(cluster))
+            reporting.stop()
+        logger.info(progress.line())
         deadline = time.monotonic() + drain_seconds
         # drain_seconds > 0 shows the whole elastic cycle: the policy releases the idle workers.
         while cluster.worker_spec and time.monotonic() < deadline:
