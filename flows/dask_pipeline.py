@@ -2,11 +2,16 @@
 
 "Generate a big random array, give me its mean and standard deviation, use as many workers as
 the work needs, and don't leave any of them charging my allocation." The flow runs a dask.array
-reduction on a :class:`~slipstream.dask_cluster.CloudDaskCluster` handed to Prefect's
-``DaskTaskRunner``: the cluster starts with no worker, slipstream's scaling policy launches VMs in
-batches when the chunks queue up, releases them after the cooldown, and closing the cluster
-deletes every VM. The result carries the numbers, the workers that existed, the SUs they were
-metered at and the teardown proof.
+reduction on a :class:`~slipstream.dask_cluster.CloudDaskCluster` made by
+:class:`~slipstream.tasks.dask_runner.CloudDaskTaskRunner`: the cluster starts with no worker,
+slipstream's scaling policy launches VMs in batches when the chunks queue up, releases them after
+the cooldown, and closing the cluster deletes every VM. While it runs, a progress line says how
+many workers boot and have joined and how many tasks are done. The result carries the numbers,
+the workers that existed, the SUs they were metered at and the teardown proof.
+
+The workers run plain Dask tasks only (the array's chunks): the Prefect task that submits them
+runs in the flow's process, so no Prefect setting, key or flow object reaches a worker, and
+worker images need Dask and NumPy, not Prefect or slipstream.
 
 From Python::
 
@@ -27,9 +32,8 @@ from typing import Literal
 import dask.array as da
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
-from prefect.context import get_run_context
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
-from prefect_dask import DaskTaskRunner, get_dask_client
 from pydantic import BaseModel
 
 from slipstream.blocks import load_cloud
@@ -38,14 +42,13 @@ from slipstream.cost.accounting import MeteredServer, estimate
 from slipstream.cloud.models import Ownership
 from slipstream.ownership.lease import lease_for_walltime, teardown_run
 from slipstream.ownership.ledger import Ledger
+from slipstream.periodic import Periodic
 from slipstream.scaling.policy import elastic_pool_plan
 from slipstream.tasks.budget import guard_budget, resolve_allocation, watching_budget
+from slipstream.tasks.dask_runner import CloudDaskTaskRunner
 from slipstream.tasks.events import resource_event_emitter
 from slipstream.tasks.hooks import TEARDOWN_HOOKS
 from slipstream.tasks.report import report_run
-
-CLUSTER_CLASS = "slipstream.dask_cluster.CloudDaskCluster"
-
 
 class ArrayStatistics(BaseModel):
     mean: float
@@ -75,28 +78,64 @@ class DaskPipelineResult(BaseModel):
 
 @task(name="array-moments", cache_policy=NONE)
 def array_moments(rows: int, cols: int, chunk_rows: int, seed: int) -> ArrayStatistics:
-    """Mean and standard deviation of a seeded normal array, computed chunk by chunk on the cluster."""
-    with get_dask_client() as client:
-        x = da.random.default_rng(seed).standard_normal((rows, cols), chunks=(chunk_rows, cols))
-        mean, std = client.compute([x.mean(), x.std()], sync=True)
+    """Mean and standard deviation of a seeded normal array, computed chunk by chunk on the
+    cluster's workers (as plain Dask tasks: this task itself runs in the flow's process)."""
+    client = _runner().client
+    x = da.random.default_rng(seed).standard_normal((rows, cols), chunks=(chunk_rows, cols))
+    mean, std = client.compute([x.mean(), x.std()], sync=True)
     return ArrayStatistics(mean=float(mean), std=float(std), elements=rows * cols, chunks=len(x.chunks[0]))
 
 
-def _cluster():
-    """This subflow's cluster (the DaskTaskRunner made it in this process)."""
-    return get_run_context().task_runner.client.cluster
+def _runner() -> CloudDaskTaskRunner:
+    """This subflow's task runner (it made the cluster in this process)."""
+    return FlowRunContext.get().task_runner
+
+
+class Progress:
+    """Workers booting / joined / parked and tasks done, as the in-process scheduler sees them.
+    Task groups the scheduler has forgotten (their results delivered) count as done."""
+
+    DONE = ("memory", "released", "forgotten", "erred")
+
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+        self.groups: dict[str, tuple[int, int]] = {}  # task group -> (done, total)
+
+    def line(self) -> str:
+        s, cluster = self.cluster.scheduler, self.cluster
+        current = {name: (sum(group.states.get(k, 0) for k in self.DONE), sum(group.states.values()))
+                   for name, group in list(s.task_groups.items())}
+        for name, (_, total) in self.groups.items():
+            if name not in current:
+                current[name] = (total, total)
+        self.groups = current
+        joined = {ws.name for ws in s.workers.values()}
+        booting = len([n for n in cluster.worker_spec if n not in joined])
+        line = (f"progress: {sum(d for d, _ in current.values())}/{sum(t for _, t in current.values())} tasks done; "
+                f"workers: {len(joined)} joined, {booting} booting, {len(cluster.vms.pool.parked())} parked; "
+                f"{len(cluster.launched)} VMs created so far")
+        return line + (f"; not launching: {cluster.scaling_error}" if cluster.scaling_error else "")
 
 
 @flow(name="dask-array-statistics")
 def array_statistics(rows: int, cols: int, chunk_rows: int, seed: int, drain_seconds: float = 0.0,
                      budget_su: float | None = None, allocation: str | None = None,
-                     budget_check_seconds: float = 60.0) -> ArrayStatistics:
+                     budget_check_seconds: float = 60.0, progress_seconds: float = 15.0) -> ArrayStatistics:
     """The computation, on whatever task runner the caller gives it, watched against the budget:
     when it is spent the cluster is closed (so adapt cannot relaunch) and its VMs are deleted."""
-    cluster = _cluster()
+    logger = get_run_logger()
+    cluster = _runner().client.cluster
+    progress = Progress(cluster)
+    reporting = Periodic("dask-progress", lambda: logger.info(progress.line()), progress_seconds,
+                        on_error=lambda err: logger.debug("no progress line this round: %s", err))
     with watching_budget(cluster.lease, budget_su, allocation=resolve_allocation(allocation),
                          interval=budget_check_seconds, stop_work=cluster.close):
-        stats = array_moments.submit(rows, cols, chunk_rows, seed).result()
+        reporting.start()
+        try:
+            stats = array_moments(rows, cols, chunk_rows, seed)
+        finally:
+            reporting.stop()
+        logger.info(progress.line())
         deadline = time.monotonic() + drain_seconds
         # drain_seconds > 0 shows the whole elastic cycle: the policy releases the idle workers.
         while cluster.worker_spec and time.monotonic() < deadline:
@@ -127,6 +166,7 @@ def dask_pipeline(
     allocation: str | None = None,
     override_budget: bool = False,
     budget_check_seconds: float = 60.0,
+    progress_seconds: float = 15.0,
 ) -> DaskPipelineResult:
     """Mean and standard deviation of a ``rows`` × ``cols`` normal array on elastic Dask workers.
 
@@ -152,6 +192,7 @@ def dask_pipeline(
         allocation: a saved allocation block (its balances and run budget).
         override_budget: run even if the worst case is over the budget or the balance.
         budget_check_seconds: how often the budget watchdog meters the workers.
+        progress_seconds: how often a progress line (workers booting/joined, tasks done) is logged.
     """
     logger = get_run_logger()
     provider = load_cloud(cloud)
@@ -166,8 +207,7 @@ def dask_pipeline(
     scaling = {"max_workers": max_workers, "flavor": flavor, "batch_size": batch_size,
                "cooldown_seconds": cooldown_seconds, "boot_seconds": boot_seconds,
                "task": {"cores": cores_per_task}, "idle": {"action": idle_action}}
-    runner = DaskTaskRunner(
-        cluster_class=CLUSTER_CLASS,
+    runner = CloudDaskTaskRunner(
         cluster_kwargs={"cloud": provider, "run_id": owner.run_id, "pipeline": pipeline, "image": image,
                         "scaling": scaling, "scheduler_host": scheduler_host, "lease_hours": lease_time / timedelta(hours=1),
                         "on_event": resource_event_emitter(owner, provider.name)},
@@ -175,7 +215,7 @@ def dask_pipeline(
     )
     try:
         stats = array_statistics.with_options(task_runner=runner)(
-            rows, cols, chunk_rows, seed, drain_seconds, budget_su, allocation, budget_check_seconds)
+            rows, cols, chunk_rows, seed, drain_seconds, budget_su, allocation, budget_check_seconds, progress_seconds)
     finally:
         # The cluster deleted its workers when it closed; this lists by run id again, as the proof.
         proof = teardown_run(provider, owner.run_id)

@@ -68,14 +68,13 @@ from typing import Any
 from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.spec import NoOpAwaitable, ProcessInterface, SpecCluster
-from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.scheduler import Scheduler
 
 from slipstream.cloud import open_cloud
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Ownership
 from slipstream.cloud.port import CloudProvider
-from slipstream.dask_workers import DEFAULT_WORKER_PACKAGES, ClusterTLS, WorkerVMs, worker_user_data
+from slipstream.dask_workers import DEFAULT_WORKER_PACKAGES, ClusterTLS, JoinedNames, WorkerVMs, worker_user_data
 from slipstream.jetstream2 import DEFAULT_IMAGE
 from slipstream.ownership.lease import EventCallback, Lease, TeardownProof
 from slipstream.scaling.idle import IdlePolicy
@@ -89,7 +88,7 @@ from slipstream.scaling.policy import (
     WorkerPhase,
     WorkerView,
 )
-from slipstream.scaling.pool import WORKER_TABLE, Link, WorkerAction, WorkerObservation, WorkerPool, vm_state
+from slipstream.scaling.pool import WORKER_TABLE, Link, VmState, WorkerAction, WorkerObservation, WorkerPool, vm_state
 
 __all__ = ["DEFAULT_WORKER_PACKAGES", "CloudDaskCluster", "PolicyAdaptive", "worker_user_data"]
 
@@ -110,17 +109,6 @@ def _as_config(scaling: ScalingConfig | dict | None) -> ScalingConfig:
     except TypeError as err:
         raise InvalidRequest(f"bad scaling settings: {err}", resource="CloudDaskCluster",
                              hint="See slipstream.scaling.policy.ScalingConfig for the fields.") from None
-
-
-class JoinedNames(SchedulerPlugin):
-    """Notes each worker that joins the scheduler, so a VM whose worker never joined is deleted
-    rather than parked when released."""
-
-    def __init__(self, vms: WorkerVMs) -> None:
-        self.vms = vms
-
-    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
-        self.vms.joined.add(str(scheduler.workers[worker].name))
 
 
 class CloudWorker(ProcessInterface):
@@ -186,6 +174,8 @@ class PolicyAdaptive(Adaptive):
             since = vms.requested_at.get(name, now)
             link = Link.JOINED if name in joined else Link.LATE if now - since > late_after else Link.NOT_YET
             state = vm_state(seen.get(name), parked=name in parked)
+            if state == VmState.STOPPED and name in vms.unparking and link == Link.NOT_YET:
+                state = VmState.BOOTING  # still SHELVED/SHUTOFF just after the unpark call: give it its deadline
             action = WORKER_TABLE.action_for(WorkerObservation(name, state, link))
             if action in (WorkerAction.DELETE, WorkerAction.FORGET):
                 log.warning("worker %s: %s, %s -> %s", name, state, link, action)
@@ -231,9 +221,10 @@ class PolicyAdaptive(Adaptive):
 
     async def target(self) -> int:
         decision = self.policy.decide(self.observe())
-        if decision.launch and self.cluster.vms.backing_off():
-            decision = replace(decision, launch=0, target=decision.target - decision.launch,
-                               reason=f"{decision.reason}; not launching after: {self.cluster.vms.error}")
+        if (decision.launch or decision.unpark) and self.cluster.vms.backing_off():
+            decision = replace(decision, launch=0, unpark=(),
+                               target=decision.target - decision.launch - len(decision.unpark),
+                               reason=f"{decision.reason}; backing off after: {self.cluster.vms.error}")
         self.decision = decision
         if decision.launch or decision.unpark or decision.release or decision.cancel:
             self.decisions.append(decision)
@@ -278,6 +269,9 @@ class CloudDaskCluster(SpecCluster):
                  boot_timeout: float = 900.0, key_name: str | None = None, on_event: EventCallback | None = None,
                  asynchronous: bool = False, loop: Any = None, name: str | None = None) -> None:
         cloud = open_cloud(cloud) if isinstance(cloud, str) else cloud
+        if contact_address and "://" in contact_address and not contact_address.startswith("tls://"):
+            raise InvalidRequest(f"contact_address {contact_address!r} is not a TLS address", resource="CloudDaskCluster",
+                                 hint="The scheduler speaks TLS only: give 'tls://host:port' or just 'host:port'.")
         self.config = _as_config(scaling)
         images = {i.name for i in cloud.list_images()}
         if image not in images:
@@ -289,7 +283,7 @@ class CloudDaskCluster(SpecCluster):
         self.teardown_proof: TeardownProof | None = None
         # Unique per cluster, not only per run: two clusters of one run never share a worker name.
         run = re.sub(r"[^a-z0-9]", "", self.owner.run_id.lower())[:8] or "pool"
-        prefix = f"dask-{run}-{secrets.token_hex(2)}"
+        prefix = f"dask-{run}-{secrets.token_hex(3)}"
         self.tls = ClusterTLS.new(prefix)
         pool = WorkerPool(self.lease, flavor=self.config.chosen_flavor, image=image, prefix=prefix,
                           idle=self.config.idle, key_name=key_name, metadata={"slipstream:role": "dask-worker"})
@@ -382,6 +376,7 @@ class CloudDaskCluster(SpecCluster):
     async def _close(self) -> None:
         self.vms.closing = True
         try:
+            await self.vms.settle(timeout=120)  # a create call in flight must not outlive the teardown
             await super()._close()
         finally:
             if self.teardown_proof is None:

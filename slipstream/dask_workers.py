@@ -32,6 +32,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.scheduler import Scheduler
 from distributed.security import Security
 
 from slipstream.cloud.errors import CloudError
@@ -180,6 +182,7 @@ class WorkerVMs:
     batch_of: dict[str, Batch] = field(default_factory=dict)
     requested_at: dict[str, float] = field(default_factory=dict)  # the boot deadline counts from here
     joined: set[str] = field(default_factory=set)                  # joined since last requested
+    unparking: set[str] = field(default_factory=set)               # unparked, not joined again yet
     created: list[str] = field(default_factory=list)
     failures: list[LaunchFailure] = field(default_factory=list)
     last_success: float = 0.0
@@ -213,35 +216,51 @@ class WorkerVMs:
                            max_delay=LAUNCH_BACKOFF.max_delay).delays()[-1]
 
     def request(self, name: str) -> None:
-        """Bring ``name``'s VM up (create its batch, or unpark it) in the background."""
+        """Bring ``name``'s VM up (create its batch, or unpark it) in the background. A VM that
+        exists or is being created already is left alone (its worker object was only remade)."""
+        parked = name in self.pool.parked()
+        batch = self.batch_of.get(name)
+        if not parked and (name in self.pool.servers or batch is None or batch.name in self._launches):
+            return
         self.requested_at[name] = time.monotonic()
         self.joined.discard(name)
         self._cancelled.discard(name)
-        if name in self.pool.parked():
-            self._launches[name] = asyncio.ensure_future(asyncio.to_thread(self.pool.unpark, name))
-            return
-        batch = self.batch_of[name]
-        if batch.name not in self._launches:
+        if parked:
+            self.unparking.add(name)
+            self._launches[name] = asyncio.ensure_future(self._call(self.pool.unpark, (name,), name))
+        else:
             self._launches[batch.name] = asyncio.ensure_future(self._launch(batch))
 
     async def _launch(self, batch: Batch) -> None:
         if self.pool.user_data is None:
             self.pool.user_data = worker_user_data(self.scheduler_address or "", nthreads=self.nthreads,
                                                    packages=self.packages, tls=self.tls)
-        try:
-            await asyncio.to_thread(self.pool.launch, batch)
-        except CloudError as err:  # quota, capacity, bad request, or 5xx past the retries
-            self.failures.append(LaunchFailure(time.monotonic(), batch.names, str(err)))
-            log.warning("could not create workers %s: %s; no new worker VM for %.0f s", ", ".join(batch.names),
-                        err, self._backoff_seconds())
-            self.on_failed(batch.names)
+        if not await self._call(self.pool.launch, batch.names, batch):
             return
         self.last_success = time.monotonic()
         with self._lock:
             self.created += batch.names
-            cancelled = [n for n in batch.names if n in self._cancelled]
-        for name in cancelled:  # released while its create call was in flight
+            gone = [n for n in batch.names if n in self._cancelled or self.closing]
+        for name in gone:  # released, or the cluster closed, while its create call was in flight
             await asyncio.to_thread(self.pool.delete, name)
+
+    async def _call(self, call: Callable, names: tuple[str, ...], *args) -> bool:
+        """A cloud call for ``names`` in a thread; on failure, note it, back off and forget them."""
+        try:
+            await asyncio.to_thread(call, *args)
+            return True
+        except Exception as err:  # noqa: BLE001 - quota, capacity, 5xx past the retries, or a bug: said, never lost
+            self.failures.append(LaunchFailure(time.monotonic(), names, str(err)))
+            log.warning("could not create workers %s: %s; no new worker VM for %.0f s", ", ".join(names),
+                        err, self._backoff_seconds())
+            self.on_failed(names)
+            return False
+
+    async def settle(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) for create and unpark calls in flight: before a teardown."""
+        pending = [f for f in self._launches.values() if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
 
     # letting go ------------------------------------------------------------------------------
     async def let_go(self, name: str) -> None:
@@ -264,3 +283,16 @@ class WorkerVMs:
         finally:
             with self._lock:
                 self._releasing.discard(name)
+
+
+class JoinedNames(SchedulerPlugin):
+    """Notes each worker that joins the scheduler, so a VM whose worker never joined is deleted
+    rather than parked when released."""
+
+    def __init__(self, vms: WorkerVMs) -> None:
+        self.vms = vms
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        name = str(scheduler.workers[worker].name)
+        self.vms.joined.add(name)
+        self.vms.unparking.discard(name)

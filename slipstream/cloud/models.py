@@ -218,7 +218,7 @@ class ServerSpec:
     image: str
     count: int = 1
     key_name: str | None = None
-    user_data: str | None = None
+    user_data: str | None = field(default=None, repr=False)  # may carry a worker's TLS key: never in a repr
     network: str = "auto_allocated_network"
     security_groups: tuple[str, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)

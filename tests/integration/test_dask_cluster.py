@@ -111,6 +111,8 @@ def test_bad_settings_are_refused_before_any_vm_exists(local_cloud):
         CloudDaskCluster(local_cloud, image="slipstream-noop", scaling={"max_wrokers": 3})
     with pytest.raises(InvalidRequest, match="'suspend' is not allowed for g3.medium"):
         CloudDaskCluster(local_cloud, image="slipstream-noop", scaling={"flavor": "g3.medium", "idle": {"action": "suspend"}})
+    with pytest.raises(InvalidRequest, match="contact_address 'tcp://10.0.0.5:8786' is not a TLS address"):
+        CloudDaskCluster(local_cloud, image="slipstream-noop", contact_address="tcp://10.0.0.5:8786")
     assert local_cloud.list_servers() == []
 
 
@@ -153,6 +155,13 @@ def test_the_worker_user_data_installs_matching_dask_on_real_images():
     assert 'dask worker tcp://head.example.org:8786 --host "$addr" --name "$name" --nthreads 4' in script
     assert "/var/lib/cloud/scripts/per-boot/" in script  # rejoins after unshelve on real images
     subprocess.run(["sh", "-n", "-c", script], check=True)  # valid shell
+    from slipstream.dask_workers import ClusterTLS
+
+    tls = ClusterTLS.new("dask-test")
+    script = worker_user_data("tls://head.example.org:8786", nthreads=4, tls=tls)
+    assert '--tls-ca-file "$tlsdir/ca.pem" --tls-cert "$tlsdir/worker.pem" --tls-key "$tlsdir/worker.key"' in script
+    assert "umask 077" in script and tls.local_key.strip() not in script
+    subprocess.run(["sh", "-n", "-c", script], check=True)
 
 
 def test_a_worker_vm_deleted_behind_the_clusters_back_is_replaced(local_cloud):
@@ -191,6 +200,10 @@ def test_the_scheduler_speaks_mutual_tls_with_this_clusters_keys_only(local_clou
         (server,) = local_cloud.list_servers(run_id=cluster.run_id)
         (key_file,) = Path(local_cloud.home).rglob("etc/slipstream-dask/worker.key")  # on the VM's disk
         assert (key_file.stat().st_mode & 0o777) == 0o600
+        (copy,) = Path(local_cloud.home).glob(f"vms/{server.id}/user_data")  # holds that key too
+        assert (copy.stat().st_mode & 0o077) == 0
+        (script,) = Path(local_cloud.home).rglob("instance/scripts/part-001")
+        assert (script.stat().st_mode & 0o077) == 0
         user_data = cluster.vms.pool.user_data
         assert cluster.tls.worker_key.strip() in user_data and cluster.tls.local_key.strip() not in user_data
         assert "PREFECT" not in user_data

@@ -4,6 +4,7 @@ and no dask worker or scheduler outlives the run."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import dask
@@ -32,6 +33,17 @@ def dask_worker_processes() -> list[int]:
     return found
 
 
+def api_log_lines(prefix: str) -> list[str]:
+    """Messages starting with ``prefix`` among every log line the Prefect API holds, oldest first."""
+    from prefect.client.orchestration import get_client
+
+    lines: list[str] = []
+    with get_client(sync_client=True) as client:
+        while batch := client.read_logs(limit=200, offset=len(lines)):
+            lines += [log.message for log in batch]
+    return [line for line in lines if line.startswith(prefix)]
+
+
 def test_the_pipeline_scales_from_zero_to_many_and_back_and_leaves_nothing(cloud_env):
     from slipstream.flows.dask_pipeline import dask_pipeline
 
@@ -40,7 +52,8 @@ def test_the_pipeline_scales_from_zero_to_many_and_back_and_leaves_nothing(cloud
     # boot_seconds=0: the policy is told a worker is ready at once, so even this small array is
     # worth spreading (with a realistic boot it rightly keeps one worker: see the policy's tests).
     result = dask_pipeline(rows=rows, cols=cols, chunk_rows=chunk_rows, seed=seed, max_workers=4, batch_size=2,
-                           cooldown_seconds=1.0, boot_seconds=0.0, image="slipstream-noop", drain_seconds=60)
+                           cooldown_seconds=1.0, boot_seconds=0.0, image="slipstream-noop", drain_seconds=60,
+                           progress_seconds=0.3)
 
     with dask.config.set(scheduler="sync"):
         x = da.random.default_rng(seed).standard_normal((rows, cols), chunks=(chunk_rows, cols))
@@ -57,6 +70,11 @@ def test_the_pipeline_scales_from_zero_to_many_and_back_and_leaves_nothing(cloud
     assert cloud_env.list_servers() == []
     wait_until(lambda: not set(dask_worker_processes()) - before, timeout=10, what="no dask worker process left")
     assert all(s.status == Status.closed for s in list(Scheduler._instances))
+    # Progress while it ran: workers booting, then joined, and tasks done out of the total.
+    progress = wait_until(lambda: api_log_lines("progress: "), timeout=30, what="progress lines in the run's logs")
+    assert any(" booting" in p and not p.endswith("0 booting, 0 parked; 0 VMs created so far") for p in progress)
+    done = [tuple(map(int, re.match(r"progress: (\d+)/(\d+) tasks", p).groups())) for p in progress]
+    assert done[-1][0] == done[-1][1] > 0 and any(0 <= d < t for d, t in done[:-1])
 
 
 def test_a_bad_parameter_stops_the_pipeline_before_any_vm(cloud_env):

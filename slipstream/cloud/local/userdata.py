@@ -129,8 +129,8 @@ async def run_user_data(user_data: str, disk: Path, env: Mapping[str, str], say:
         scripts = disk / "var/lib/cloud/instance/scripts"
         scripts.mkdir(parents=True, exist_ok=True)
         script = scripts / "part-001"
-        script.write_text(user_data)
-        script.chmod(0o700)
+        with os.fdopen(os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700), "w") as f:
+            f.write(user_data)  # owner only from the first byte: it may hold a key
         code = await _run([str(script)], home, env)
         if code != 0:
             say(f"user_data script exited with status {code}")

@@ -50,8 +50,9 @@ def prepare(directory: Path, *, server_id: str, name: str, address: str | None, 
     (directory / "console.log").touch()
     user_data_path = None
     if user_data is not None:
-        user_data_path = directory / "user_data"
-        user_data_path.write_text(user_data)
+        user_data_path = directory / "user_data"  # may hold a key (a Dask worker's TLS key): owner only
+        with os.fdopen(os.open(user_data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(user_data)
     _write_json(directory / "meta.json", {
         "uuid": server_id,
         "name": name,
