@@ -140,6 +140,18 @@ def wait_for_jobs(cluster: ElasticCluster, jobs: list[BatchJob], outputs: list[s
     return ended
 
 
+def raise_for_failed_jobs(collected: list[SlurmJobResult], run_id: str) -> None:
+    failed = [j for j in collected if j.state != "COMPLETED"]
+    if failed:
+        raise JobsFailed("; ".join(
+            f"job {j.job_id} {Path(j.script).name} ended {j.state}"
+            + (f" with exit code {j.exit_code}" if j.exit_code is not None else "")
+            + f"; last lines of its output ({j.output}):\n{tail(Path(j.output))}" for j in failed),
+            resource=f"run {run_id}",
+            hint="Fix the script (its output and outputs are in the results), or pass "
+                 "fail_on_job_failure=False to return the job states instead of failing.")
+
+
 def keep_cluster_logs(directory: Path, results: Path, failed: BaseException | None) -> Path | None:
     """Copy the power programs' log and the Slurm daemons' logs into ``results/cluster-logs``
     (the cluster's directory is deleted next); on failure also publish their tails as an artifact."""
@@ -235,12 +247,14 @@ def slurm_cluster(
     results = Path(results_dir) / owner.run_id
     lease = Lease(provider, owner, on_event=resource_event_emitter(owner, provider.name))
     failure: BaseException | None = None
-    ended: dict[str, SlurmJobResult] = {}
     try:
         with lease, watching_budget(lease, budget_su, allocation=held_allocation, interval=budget_check_seconds):
             cluster = start_slurm_cluster(lease, plan)
             jobs = submit_scripts(cluster, paths)
             ended = wait_for_jobs(cluster, jobs, wanted_outputs, results, timeout=max_hours * 3600)
+            collected = [ended[j.job_id] for j in jobs]
+            if fail_on_job_failure:
+                raise_for_failed_jobs(collected, owner.run_id)  # the lease still tears everything down
             node_costs = cluster.node_costs()
             progress.report("teardown", 0, 1, "deleting the head node and every worker")
     except BaseException as err:
@@ -258,16 +272,6 @@ def slurm_cluster(
         logger.info("node %s (%s): %.0f s active, %.4f SU", m.name, m.flavor, m.hours_active * 3600, m.su)
     if not proof.clean:
         raise RuntimeError(proof.summary())
-    collected = [ended[j.job_id] for j in jobs]
-    failed = [j for j in collected if j.state != "COMPLETED"]
-    if failed and fail_on_job_failure:
-        raise JobsFailed("; ".join(
-            f"job {j.job_id} {Path(j.script).name} ended {j.state}"
-            + (f" with exit code {j.exit_code}" if j.exit_code is not None else "")
-            + f"; last lines of its output ({j.output}):\n{tail(Path(j.output))}" for j in failed),
-            resource=f"run {owner.run_id}",
-            hint="Fix the script (its output and outputs are in the results), or pass "
-                 "fail_on_job_failure=False to return the job states instead of failing.")
     spent = metered or node_costs
     logger.info("SU spent %.4f of a worst case %.2f; teardown clean: %s", sum(m.su for m in spent), worst_case,
                 proof.clean)

@@ -82,6 +82,9 @@ class ElasticCluster:
                     on_end(job)
             if on_progress:
                 on_progress(tracker.jobs)
+            nodes = self.slurm.nodes()
+            if on_nodes:
+                on_nodes(nodes)
             if tracker.done:
                 return tracker.jobs
             if stuck := tracker.never_runnable():
@@ -92,9 +95,6 @@ class ElasticCluster:
                     resource=self.settings.name, hint=f"Every node is a {self.settings.flavor} "
                     f"({self._node_size()}); ask for less in the script's #SBATCH lines or choose a larger flavor. "
                     "The job was cancelled.")
-            nodes = self.slurm.nodes()
-            if on_nodes:
-                on_nodes(nodes)
             mine = [nodes[n] for n in self.settings.node_names if n in nodes]
             if mine and all("DRAIN" in n.flags and n.reason.startswith(GAVE_UP) for n in mine):
                 raise NodesGaveUp("no node of the cluster can run the waiting jobs: " + "; ".join(
