@@ -104,3 +104,20 @@ def test_a_job_no_node_can_ever_run_fails_the_run_at_once_with_slurms_reason(flo
     assert "m3.tiny (1 CPU(s), 3072 MB)" in err.value.hint
     assert flow_env.list_servers() == []
     _no_daemons_left("im")
+
+
+def test_at_the_deadline_running_jobs_are_cancelled_and_what_they_wrote_comes_back(flow_env, homes):  # noqa: F811
+    from slipstream.cloud.errors import WaitTimeout
+    from slipstream.flows.slurm_cluster import slurm_cluster
+
+    endless = _script(homes / "endless.sh", "echo started > progress.txt\necho first line\n"
+                                            "while true; do sleep 1; done\n")
+    with pytest.raises(WaitTimeout, match="jobs still running after 72 s") as err:
+        slurm_cluster(scripts=[endless], name="dl", max_nodes=1, resume_timeout=60, max_hours=0.02,
+                      outputs=["progress.txt"], results_dir=str(homes / "results"))
+    (run_dir,) = (homes / "results").iterdir()
+    assert (run_dir / "endless" / "progress.txt").read_text().strip() == "started"
+    assert (run_dir / "endless" / "endless.out").read_text().startswith("first line")
+    assert (run_dir / "cluster-logs" / "slurmctld.log").exists()
+    assert flow_env.list_servers() == [] and err.value.resource == "dl"
+    _no_daemons_left("dl")  # the job's shell too: it was cancelled before its VM was deleted
