@@ -34,7 +34,7 @@ from slipstream.blocks import load_cloud
 from slipstream.flows.vm_job import FlavorName
 from slipstream import progress
 from slipstream.cost.accounting import MeteredServer, estimate
-from slipstream.cloud.errors import InvalidRequest
+from slipstream.cloud.errors import CloudError, InvalidRequest
 from slipstream.cloud.models import Ownership
 from slipstream.ownership.lease import HeldResource, Lease, lease_for_walltime
 from slipstream.slurm.cluster import ClusterPlan, ElasticCluster, slurm_cluster_plan, start_cluster
@@ -50,11 +50,20 @@ from slipstream.tasks.hooks import TEARDOWN_HOOKS
 from slipstream.tasks.report import report_run
 
 
+#: Job states worth a line every 10 s, and what the job waits for.
+WAITING_STATES = {
+    "PENDING": " (waiting for a node)",
+    "CONFIGURING": " (its node is booting, or up and waiting for slurmctld 22.05, which starts jobs on "
+                   "freshly booted nodes at its 30-s check)",
+}
+
+
 class SlurmJobResult(BaseModel):
     script: str
     job_id: str
     state: str
     exit_code: int | None
+    signal: int | None          # the signal that ended the job, if one did
     restarts: int
     output: str                # the job's Slurm output (stdout + stderr) in the results
     outputs: list[str]         # every file brought back, the Slurm output first
@@ -105,18 +114,27 @@ def wait_for_jobs(cluster: ElasticCluster, jobs: list[BatchJob], outputs: list[s
     nodes = NodeWatch(cluster.settings.node_names)
     next_sweep = [0.0]
 
+    since: dict[str, float] = {}
+
     def show(seen: list[JobInfo]) -> None:
         progress.report("jobs", len(ended), len(seen), ", ".join(f"{j.job_id} {j.state}" for j in seen))
+        now = time.monotonic()
         for j in seen:
-            if last.get(j.job_id) != j.state and j.job_id not in ended:
-                logger.info("job %s: %s%s", j.job_id, j.state, f" on {j.nodes}" if j.nodes else "")
-            last[j.job_id] = j.state
+            if j.job_id in ended:
+                continue
+            where = f" on {j.nodes}" if j.nodes else ""
+            if last.get(j.job_id) != j.state:
+                logger.info("job %s: %s%s", j.job_id, j.state, where)
+                last[j.job_id], since[j.job_id] = j.state, now
+            elif j.state in WAITING_STATES and now - since[j.job_id] >= 10:  # never silent while nodes boot
+                since[j.job_id] = now
+                logger.info("job %s: still %s%s%s", j.job_id, j.state, where, WAITING_STATES[j.state])
 
     def collect(info: JobInfo) -> None:
         job = by_id[info.job_id]
         copied, missing = collect_outputs(job, outputs, results / job.label)
         ended[info.job_id] = SlurmJobResult(
-            script=str(job.script), job_id=job.job_id, state=info.state, exit_code=info.exit_code,
+            script=str(job.script), job_id=job.job_id, state=info.state, exit_code=info.exit_code, signal=info.signal,
             restarts=info.restarts, output=str(results / job.label / job.output.name),
             outputs=[str(c) for c in copied], missing_outputs=missing)
         where = f"{results / job.label}/"
@@ -138,6 +156,35 @@ def wait_for_jobs(cluster: ElasticCluster, jobs: list[BatchJob], outputs: list[s
     cluster.wait_for_jobs(list(by_id), timeout=timeout, on_progress=show, on_end=collect, on_nodes=watch_nodes,
                           every=sweep)
     return ended
+
+
+def stop_unfinished_jobs(cluster: ElasticCluster, jobs: list[BatchJob], outputs: list[str], results: Path) -> None:
+    """The run is failing (deadline, an impossible job, a budget, Ctrl-C): cancel the jobs, then
+    bring back what the unfinished ones wrote so far, before the lease deletes the cluster."""
+    logger = get_run_logger()
+    try:
+        cluster.cancel_all()
+    except CloudError as err:  # slurmctld may be gone with its VM (budget spent): keep the outputs anyway
+        logger.warning("could not cancel the cluster's jobs: %s", err)
+    for job in jobs:
+        if not (results / job.label).exists():  # ended jobs were collected as they ended
+            copied, _ = collect_outputs(job, outputs, results / job.label)
+            if copied:
+                logger.warning("job %s %s did not end; what it wrote so far is in %s/", job.job_id,
+                               job.script.name, results / job.label)
+
+
+def raise_for_failed_jobs(collected: list[SlurmJobResult], run_id: str) -> None:
+    failed = [j for j in collected if j.state != "COMPLETED"]
+    if failed:
+        raise JobsFailed("; ".join(
+            f"job {j.job_id} {Path(j.script).name} ended {j.state}"
+            + (f" by signal {j.signal}" if j.signal else f" with exit code {j.exit_code}" if j.exit_code is not None
+               else "")
+            + f"; last lines of its output ({j.output}):\n{tail(Path(j.output))}" for j in failed),
+            resource=f"run {run_id}",
+            hint="Fix the script (its output and outputs are in the results), or pass "
+                 "fail_on_job_failure=False to return the job states instead of failing.")
 
 
 def keep_cluster_logs(directory: Path, results: Path, failed: BaseException | None) -> Path | None:
@@ -235,12 +282,18 @@ def slurm_cluster(
     results = Path(results_dir) / owner.run_id
     lease = Lease(provider, owner, on_event=resource_event_emitter(owner, provider.name))
     failure: BaseException | None = None
-    ended: dict[str, SlurmJobResult] = {}
     try:
         with lease, watching_budget(lease, budget_su, allocation=held_allocation, interval=budget_check_seconds):
             cluster = start_slurm_cluster(lease, plan)
             jobs = submit_scripts(cluster, paths)
-            ended = wait_for_jobs(cluster, jobs, wanted_outputs, results, timeout=max_hours * 3600)
+            try:
+                ended = wait_for_jobs(cluster, jobs, wanted_outputs, results, timeout=max_hours * 3600)
+            except BaseException:
+                stop_unfinished_jobs(cluster, jobs, wanted_outputs, results)
+                raise
+            collected = [ended[j.job_id] for j in jobs]
+            if fail_on_job_failure:
+                raise_for_failed_jobs(collected, owner.run_id)  # the lease still tears everything down
             node_costs = cluster.node_costs()
             progress.report("teardown", 0, 1, "deleting the head node and every worker")
     except BaseException as err:
@@ -258,16 +311,6 @@ def slurm_cluster(
         logger.info("node %s (%s): %.0f s active, %.4f SU", m.name, m.flavor, m.hours_active * 3600, m.su)
     if not proof.clean:
         raise RuntimeError(proof.summary())
-    collected = [ended[j.job_id] for j in jobs]
-    failed = [j for j in collected if j.state != "COMPLETED"]
-    if failed and fail_on_job_failure:
-        raise JobsFailed("; ".join(
-            f"job {j.job_id} {Path(j.script).name} ended {j.state}"
-            + (f" with exit code {j.exit_code}" if j.exit_code is not None else "")
-            + f"; last lines of its output ({j.output}):\n{tail(Path(j.output))}" for j in failed),
-            resource=f"run {owner.run_id}",
-            hint="Fix the script (its output and outputs are in the results), or pass "
-                 "fail_on_job_failure=False to return the job states instead of failing.")
     spent = metered or node_costs
     logger.info("SU spent %.4f of a worst case %.2f; teardown clean: %s", sum(m.su for m in spent), worst_case,
                 proof.clean)

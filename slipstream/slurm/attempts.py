@@ -64,10 +64,6 @@ class ResumeAttempts:
             data[node] = asdict(NodeAttempts(count, time.time(), why))
             return NodeAttempts(**data[node])
 
-    def of(self, node: str) -> NodeAttempts | None:
-        with self._locked() as data:
-            return NodeAttempts(**data[node]) if node in data else None
-
     def given_up(self, attempts: NodeAttempts) -> bool:
         return attempts.count >= self.max_attempts
 

@@ -14,6 +14,7 @@ Nothing but the head node is created here: the workers are created by Slurm itse
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -28,9 +29,11 @@ from slipstream.ownership.lease import Lease
 from slipstream.jetstream2 import FLAVORS
 from slipstream.slurm.attempts import GAVE_UP
 from slipstream.slurm.commands import JobInfo, NodeInfo, Slurm
-from slipstream.slurm.config import ClusterSettings, write_cluster_files
+from slipstream.slurm.config import PARTITION, ClusterSettings, write_cluster_files
 from slipstream.slurm.jobs import NEVER_RUNNABLE, JobCannotRun, JobTracker
 from slipstream.slurm.nodesetup import head_user_data
+
+log = logging.getLogger("slipstream.slurm.cluster")
 
 
 class NodesGaveUp(CloudError):
@@ -82,6 +85,9 @@ class ElasticCluster:
                     on_end(job)
             if on_progress:
                 on_progress(tracker.jobs)
+            nodes = self.slurm.nodes()
+            if on_nodes:
+                on_nodes(nodes)
             if tracker.done:
                 return tracker.jobs
             if stuck := tracker.never_runnable():
@@ -92,9 +98,6 @@ class ElasticCluster:
                     resource=self.settings.name, hint=f"Every node is a {self.settings.flavor} "
                     f"({self._node_size()}); ask for less in the script's #SBATCH lines or choose a larger flavor. "
                     "The job was cancelled.")
-            nodes = self.slurm.nodes()
-            if on_nodes:
-                on_nodes(nodes)
             mine = [nodes[n] for n in self.settings.node_names if n in nodes]
             if mine and all("DRAIN" in n.flags and n.reason.startswith(GAVE_UP) for n in mine):
                 raise NodesGaveUp("no node of the cluster can run the waiting jobs: " + "; ".join(
@@ -109,6 +112,21 @@ class ElasticCluster:
             if every:
                 every()
             time.sleep(poll)
+
+    def cancel_all(self, timeout: float = 30.0) -> None:
+        """Cancel every job and wait (up to ``timeout``) until no node still runs one, so the VMs
+        are deleted under no job: slurmstepd leaves slurmd's process group (and, on the local cloud,
+        would outlive its VM)."""
+        self.slurm.run("scancel", f"--partition={PARTITION}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            busy = [n for n in self.slurm.nodes().values()
+                    if n.state in ("ALLOCATED", "MIXED") or "COMPLETING" in n.flags]
+            if not busy:
+                return
+            time.sleep(0.5)
+        log.warning("jobs still hold %s %.0f s after scancel; deleting the VMs anyway",
+                    ", ".join(n.name for n in busy), timeout)
 
     def _node_size(self) -> str:
         f = FLAVORS[self.settings.flavor]

@@ -16,6 +16,58 @@ On the local cloud (``loopback=True``) every daemon runs on this host: each bind
 127.x address (``CommunicationParameters=NoCtldInAddrAny,NoInAddrAny`` with the daemon's
 hostname, in a UTS namespace of its own, set to that address), the workers share the head's
 ``munged`` through its socket, and ``slurmd`` reports the configured CPUs and memory.
+
+Every setting of the rendered ``slurm.conf``, and why (defaults of :class:`ClusterSettings`):
+
+========================================================  ==============================================
+``ClusterName=<name>``                                    the cluster's name; nodes are ``<name>-<i>``
+``SlurmctldHost=<head address>`` (real: ``<name>-head``)   the head VM runs slurmctld
+``SlurmctldPort=6817``, node ``Port=6818+i-1``            Slurm's default; on the local cloud every
+                                                          slurmd shares this host, so each has a port
+``SlurmUser=root``, ``SlurmdUser=root``                   the daemons run as whoever runs the VMs
+``AuthType=auth/munge``, ``CredType=cred/munge``          munge, Slurm's standard authentication
+``StateSaveLocation``, ``SlurmdSpoolDir``, pid and log    all inside the cluster's directory: nothing
+files                                                     in /etc or /var, deleted with the cluster; the
+                                                          logs are kept in the run's results first
+``ProctrackType=proctrack/linuxproc``, ``TaskPlugin=task/none``  no cgroups: a local-cloud VM is a process group
+``SelectType=select/cons_tres``, ``CR_Core``              jobs share a node by cores; cons_tres schedules GPUs
+``AccountingStorageType=accounting_storage/none``,        no slurmdbd: job ends are recorded by the flow
+``JobAcctGatherType=jobacct_gather/none``                 the first time it sees them (see :mod:`.jobs`)
+``MpiDefault=none``, ``MailProg=/bin/true``               no MPI plugin, no mail
+``ReturnToService=2``                                     a DOWN node whose slurmd registers again is usable
+``SchedulerType=sched/backfill``                          Slurm's default scheduler
+``KillWait=5``                                            a cancelled job's processes go within 5 s, not 30
+``MinJobAge=300`` (``min_job_age``)                        finished jobs are kept 5 min for squeue; the flow
+                                                          no longer depends on it (tests use 2 s)
+``SlurmdTimeout=60``                                      a node whose slurmd stops answering is DOWN in 1 min
+``TreeWidth=65533``                                       slurmctld talks to every cloud node directly
+                                                          (nodes cannot resolve each other to forward)
+``PrivateData=cloud``                                     powered-down cloud nodes stay visible in sinfo
+``ResumeProgram``, ``SuspendProgram``,                    ``<dir>/bin/*``: ``slipstream slurm resume|
+``ResumeFailProgram``                                     suspend|resume-fail`` with the cluster's env
+``SuspendTime=300`` (``suspend_time``)                     idle seconds before a node's VM is deleted
+``SuspendTimeout=30`` (``suspend_timeout``)                seconds a VM delete may take before the node
+                                                          may be resumed again
+``ResumeTimeout=300`` (``resume_timeout``)                 seconds to boot and register; then resume-fail,
+                                                          which backs the node off and gives it up after
+                                                          ``max_resume_attempts`` (3) failures
+``ResumeRate=0``, ``SuspendRate=0``                       no rate limit: all nodes of a cycle come in one
+                                                          call, created in one batch (split by quota)
+``SlurmctldParameters=idle_on_node_suspend``              a powered-down node is usable again, also after
+                                                          a failure (slipstream's own count stops loops)
+``NodeName=… CPUs RealMemory State=CLOUD``                the flavour's vCPUs and RAM; VMs on demand
+``Gres=gpu:<n>``, ``GresTypes=gpu`` + ``gres.conf``       GPU flavours only: one GPU (vGPU slice or A100)
+                                                          per VM, so ``--gres=gpu:1`` is schedulable
+``NodeAddr=127.0.0.1`` (local cloud)                      before a node's first resume: nothing listens,
+                                                          a message to it fails at once (no DNS stall)
+``PartitionName=cloud Default=YES MaxTime=INFINITE``      one partition of every node; time is bounded
+                                                          by the flow's ``max_hours``
+``CommunicationParameters=NoCtldInAddrAny,NoInAddrAny``   local cloud: each daemon binds only its VM's
+                                                          127.x address
+``AuthInfo=socket=<dir>/munge/munge.socket``              local cloud: the workers share the head's munged
+``SlurmdParameters=config_overrides``                     local cloud: slurmd reports the flavour's CPUs
+                                                          and memory, not this host's
+========================================================  ==============================================
 """
 
 from __future__ import annotations
@@ -198,12 +250,15 @@ def render_slurm_conf(s: ClusterSettings) -> str:
 
 def render_gres_conf(s: ClusterSettings) -> str:
     """``gres.conf`` (next to slurm.conf, where slurmd looks): the GPUs of a GPU flavour's nodes.
-    A real VM's GPUs are /dev/nvidia0…; a local-cloud node has none to bind, only the count."""
+    slurmd drops a GPU without a device file, so a real VM's are /dev/nvidia0…; a local-cloud
+    node has no GPU device, and stands in ``<directory>/gpu/nvidia<i>`` (plain files: with
+    ``TaskPlugin=task/none`` nothing binds them)."""
     n = s.gpus_per_node
     if not n:
         return ""
-    devices = "Count=" + str(n) if s.loopback else "File=/dev/nvidia" + (f"[0-{n - 1}]" if n > 1 else "0")
-    return f"# Rendered by slipstream for cluster {s.name}\nNodeName={s.hostlist} Name=gpu {devices}\n"
+    base = str(s.dir / "gpu" / "nvidia") if s.loopback else "/dev/nvidia"
+    files = base + (f"[0-{n - 1}]" if n > 1 else "0")
+    return f"# Rendered by slipstream for cluster {s.name}\nNodeName={s.hostlist} Name=gpu File={files}\n"
 
 
 def write_cluster_files(s: ClusterSettings) -> Path:
@@ -227,6 +282,10 @@ def write_cluster_files(s: ClusterSettings) -> Path:
         path.chmod(0o755)
     if gres := render_gres_conf(s):
         (s.dir / "gres.conf").write_text(gres)
+        if s.loopback:
+            (s.dir / "gpu").mkdir(exist_ok=True)
+            for i in range(s.gpus_per_node):
+                (s.dir / "gpu" / f"nvidia{i}").touch()
     tmp = s.conf_path.with_suffix(".tmp")
     tmp.write_text(render_slurm_conf(s))
     tmp.replace(s.conf_path)  # the head node waits for this file: it must appear whole

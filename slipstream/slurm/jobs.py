@@ -66,8 +66,16 @@ class BatchJob:
 
 
 def job_labels(scripts: Sequence[Path]) -> list[str]:
+    """One directory name per script, all different: its stem, or ``<stem>-<n>`` when stems repeat
+    (lengthened while it equals another script's label: ``run.sh`` twice beside ``run-1.sh``)."""
     stems = Counter(p.stem for p in scripts)
-    return [p.stem if stems[p.stem] == 1 else f"{p.stem}-{i}" for i, p in enumerate(scripts, start=1)]
+    labels: list[str] = []
+    for i, path in enumerate(scripts, start=1):
+        label = path.stem if stems[path.stem] == 1 else f"{path.stem}-{i}"
+        while label in labels or (label != path.stem and label in stems):
+            label += f"-{i}"
+        labels.append(label)
+    return labels
 
 
 def check_outputs(outputs: Sequence[str]) -> list[str]:

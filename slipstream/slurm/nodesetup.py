@@ -51,7 +51,8 @@ munged -F -f --socket={q(str(s.munge_socket))} --key-file={q(str(m / 'munge.key'
 wait_for -S {q(str(s.munge_socket))} munged
 wait_for -f {q(str(s.conf_path))} slurm.conf
 echo "slipstream: starting slurmctld for {s.name} on $SLIPSTREAM_VM_ADDRESS"
-exec unshare --uts sh -c 'hostname "$1" && exec slurmctld -D -f "$2"' sh "$SLIPSTREAM_VM_ADDRESS" {q(str(s.conf_path))}
+export SLURM_CONF={q(str(s.conf_path))}  # the daemons find gres.conf next to it
+exec unshare --uts sh -c 'hostname "$1" && exec slurmctld -D -f "$2"' sh "$SLIPSTREAM_VM_ADDRESS" "$SLURM_CONF"
 """
 
 
@@ -67,7 +68,8 @@ NODE="${{SLIPSTREAM_VM_NAME:-$(hostname -s)}}"
 case "$NODE" in ''|*[!a-z0-9-]*) echo "slipstream: bad node name $NODE" >&2; exit 1;; esac
 mkdir -p {q(str(s.dir / 'spool'))}/"$NODE"
 echo "slipstream: starting slurmd -N $NODE on $SLIPSTREAM_VM_ADDRESS"
-exec unshare --uts sh -c 'hostname "$1" && exec slurmd -D -b -N "$2" -f "$3"' sh "$SLIPSTREAM_VM_ADDRESS" "$NODE" {q(str(s.conf_path))}
+export SLURM_CONF={q(str(s.conf_path))}  # slurmd reads gres.conf next to $SLURM_CONF, whatever -f says
+exec unshare --uts sh -c 'hostname "$1" && exec slurmd -D -b -N "$2" -f "$3"' sh "$SLIPSTREAM_VM_ADDRESS" "$NODE" "$SLURM_CONF"
 """
 
 

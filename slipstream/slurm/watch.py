@@ -18,15 +18,17 @@ from collections.abc import Mapping, Sequence
 
 from slipstream.slurm.commands import NodeInfo
 
-_BOOTING = {"POWERING_UP"}
+_BOOTING = {"POWERING_UP", "POWER_UP"}
 _DOWN = {"POWERED_DOWN", "POWERING_DOWN", "POWER_DOWN"}
 
 
-def _phase(node: NodeInfo) -> str:
+def _phase(node: NodeInfo, was: str) -> str:
     if node.flags & _BOOTING:
         return "booting"
     if node.flags & _DOWN:
         return "down"
+    if "NOT_RESPONDING" in node.flags:  # between the resume and slurmd's registration, POWERING_UP
+        return was if was in ("booting", "down") else "not responding"  # may be gone already (22.05)
     return "up"
 
 
@@ -46,7 +48,8 @@ class NodeWatch:
             node = nodes.get(name)
             if node is None:
                 continue
-            phase, was = _phase(node), self._phase[name]
+            was = self._phase[name]
+            phase = _phase(node, was)
             if phase != was:
                 self._phase[name] = phase
                 if phase == "booting":
@@ -55,8 +58,10 @@ class NodeWatch:
                 elif phase == "up":
                     took = f" after {now - self._since[name]:.0f} s" if name in self._since else ""
                     lines.append((logging.INFO, f"node {name}: up at {node.address}{took}"))
-                else:
+                elif phase == "down":
                     lines.append((logging.INFO, f"node {name}: powering down (its VM is deleted)"))
+                else:
+                    lines.append((logging.WARNING, f"node {name}: not responding (its slurmd is unreachable)"))
             elif phase == "booting" and now - self._told.get(name, now) >= self.every:
                 self._told[name] = now
                 lines.append((logging.INFO, f"node {name}: still booting ({now - self._since[name]:.0f} s)"))

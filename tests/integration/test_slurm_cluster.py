@@ -53,15 +53,15 @@ def _job(path: Path, body: str) -> Path:
 
 
 @contextmanager
-def elastic_cluster(cloud, homes: Path, name: str, max_nodes: int,
-                    suspend_time: int) -> Iterator[tuple[ElasticCluster, Ownership]]:
+def elastic_cluster(cloud, homes: Path, name: str, max_nodes: int, suspend_time: int,
+                    **plan: object) -> Iterator[tuple[ElasticCluster, Ownership]]:
     """A cluster owned by a fresh run; afterwards, proof that no VM and no daemon of it is left."""
     run = owner("slurm-cluster")
     directory = homes / "cluster"
-    plan = ClusterPlan(name=name, directory=directory, max_nodes=max_nodes, suspend_time=suspend_time,
-                       suspend_timeout=5, resume_timeout=60)
+    settings = {"suspend_timeout": 5, "resume_timeout": 60, **plan}
     with Lease(cloud, run) as lease:
-        yield start_cluster(lease, plan), run
+        yield start_cluster(lease, ClusterPlan(name=name, directory=directory, max_nodes=max_nodes,
+                                               suspend_time=suspend_time, **settings)), run
     assert lease.proof is not None and lease.proof.clean, lease.proof.summary()
     wait_until(lambda: not daemons_of(directory), timeout=15, what="every Slurm daemon of the cluster ended")
 

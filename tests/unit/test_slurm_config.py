@@ -99,7 +99,7 @@ def test_a_gpu_flavour_makes_its_gpus_schedulable_and_cpu_flavours_have_none(tmp
     gpu = _settings(tmp_path, flavor="g3.small")
     text = render_slurm_conf(gpu)
     assert "GresTypes=gpu" in text and " Gres=gpu:1 " in text
-    assert render_gres_conf(gpu).splitlines()[-1] == "NodeName=demo-[1-3] Name=gpu Count=1"
+    assert render_gres_conf(gpu).splitlines()[-1] == f"NodeName=demo-[1-3] Name=gpu File={gpu.dir}/gpu/nvidia0"
     assert "File=/dev/nvidia0" in render_gres_conf(_settings(tmp_path, flavor="g3.xl", loopback=False))
     cpu = _settings(tmp_path)
     assert "Gres" not in render_slurm_conf(cpu) and render_gres_conf(cpu) == ""
