@@ -97,8 +97,8 @@ def test_a_temporary_server_left_by_a_killed_flow_is_found_and_ended(local_cloud
         line = wait_until(lambda: [x for x in out.read_text().splitlines() if x.startswith("SERVER-UP")],
                           timeout=180, what="the temporary server")
         server_pid = int(line[0].split()[1])
-        environ = Path(f"/proc/{server_pid}/environ").read_bytes().split(b"\0")
-        assert b"PREFECT_SERVER_ANALYTICS_ENABLED=false" in environ  # quiet by default, from Python too
+        environ = dict(e.partition(b"=")[::2] for e in Path(f"/proc/{server_pid}/environ").read_bytes().split(b"\0"))
+        assert environ[b"PREFECT_SERVER_ANALYTICS_ENABLED"].lower() == b"false"  # quiet by default, from Python too
         assert server_pid not in {s.pid for s in orphaned_temporary_servers()}  # its flow process lives
         os.kill(proc.pid, signal.SIGKILL)  # the flow process only: no atexit, no cleanup
         proc.wait(timeout=30)
