@@ -294,7 +294,8 @@ async def _secret_env_file(conn: asyncssh.SSHClientConnection, secret_env: dict[
     name = f".slipstream-env-{secrets.token_hex(8)}"
     body = "".join(f"export {_env_name(k)}={shlex.quote(v)}\n" for k, v in secret_env.items())
     async with conn.start_sftp_client() as sftp:
-        async with sftp.open(name, "wx", asyncssh.SFTPAttrs(permissions=0o600)) as handle:
+        flags = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | asyncssh.FXF_EXCL  # a fresh file, never another's
+        async with sftp.open(name, flags, asyncssh.SFTPAttrs(permissions=0o600)) as handle:
             await handle.write(body)
     return f'. "$HOME/{name}"; rc=$?; rm -f "$HOME/{name}"; [ "$rc" = 0 ] || exit 1'
 

@@ -145,8 +145,9 @@ def _move_into_place(staging: Path, local_dir: Path) -> None:
             os.chmod(dest, stat.S_IMODE(os.stat(Path(src_dir) / name).st_mode))
         for name in files:
             dest = dest_dir / name
-            if dest.is_dir() and not dest.is_symlink():
-                shutil.rmtree(dest)
+            if dest.is_dir() and not dest.is_symlink():  # never delete a directory of yours for a file
+                log.warning("kept the directory %s: the VM's file of that name was not brought back", dest)
+                continue
             os.replace(Path(src_dir) / name, dest)
 
 

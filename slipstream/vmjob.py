@@ -77,7 +77,7 @@ def _choose(kind: str, wanted: str, names: list[str], cloud: str) -> None:
 
 def _check_output_path(path: str) -> str:
     norm = posixpath.normpath(path)
-    if not path or norm.startswith(("/", "..")) or "\x00" in path:
+    if not path or norm == "." or norm.startswith(("/", "..")) or "\x00" in path:
         raise InvalidRequest(
             f"output path {path!r} is not inside the job directory",
             hint=f"Give outputs relative to the job directory (~/{REMOTE_JOB_DIR}), e.g. 'result.json'.",

@@ -54,6 +54,9 @@ def test_a_failing_command_fails_the_flow_and_still_tears_down(cloud_env):
         ({"script": "/no/such/script.py"}, "script '/no/such/script.py' does not exist"),
         ({"command": "true", "name": "x; rm -rf ~"}, "not allowed"),
         ({"command": "true", "outputs": ["../../etc/passwd"]}, "not inside the job directory"),
+        ({"command": "true", "outputs": ["."]}, "not inside the job directory"),
+        ({"command": "true", "outputs": ["stdout.txt"]}, "would collide with the job's own stdout.txt"),
+        ({"command": "true", "secret_env": {"BAD NAME": "x"}}, "is not ENV_NAME -> saved secret name"),
     ],
 )
 def test_bad_input_fails_before_anything_is_created(cloud_env, kwargs, message):
