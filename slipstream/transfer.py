@@ -199,6 +199,7 @@ def fetch_outputs(target: SshTarget, remote_dir: str, outputs: Iterable[str], lo
     finally:
         _move_into_place(staging, local_dir)
         shutil.rmtree(staging, ignore_errors=True)
+        report.files = list(dict.fromkeys(report.files))  # "a" and "a/x.txt" both asked for
     return report
 
 
