@@ -22,30 +22,49 @@ From the Prefect UI the typed parameters render as a form (see ``prefect.yaml``)
 
 # No `from __future__ import annotations` here: `flow.serve()` pickles the flow function by
 # value into the run's process, and string annotations (FlavorName...) would not resolve there.
+import time
+import uuid
 from dataclasses import replace
 from datetime import timedelta
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
-from pydantic import BaseModel
+from prefect.runtime import deployment, flow_run
+from pydantic import BaseModel, BeforeValidator
 
 from slipstream.blocks import load_cloud
 from slipstream import jetstream2, progress, ssh
-from slipstream.cost.accounting import MeteredServer, PlannedServers
+from slipstream.cost.accounting import MeteredServer
+from slipstream.cost.planning import flavor_named
+from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Ownership
 from slipstream.ownership.lease import HeldResource, Lease, first_lease
-from slipstream.vmjob import REMOTE_JOB_DIR, plan_vm_job
+from slipstream.transfer import FetchedOutputs
+from slipstream.vmjob import REMOTE_JOB_DIR, STDERR_FILE, STDOUT_FILE, allowed_roots, job_failure, plan_vm_job
 from slipstream.tasks.budget import guard_budget, watching_budget
 from slipstream.tasks.events import resource_event_emitter
 from slipstream.tasks.hooks import TEARDOWN_HOOKS
+from slipstream.tasks.interrupt import exit_if_prefect_is_gone
 from slipstream.tasks.provision import attach_floating_ip, provision_servers, register_keypair, wait_until_active
 from slipstream.tasks.remote import download_outputs, run_remote_command, upload_inputs, wait_for_ssh
 from slipstream.tasks.report import report_run
 
-FlavorName = Literal[tuple(jetstream2.FLAVORS)]  # type: ignore[valid-type]
-GpuFlavorName = Literal["g3.small", "g3.medium", "g3.large", "g3.xl"]
-LargeMemoryFlavorName = Literal["r3.large", "r3.xl"]
+
+def _known_flavour(*families: str):
+    """A validator giving a typo the CLI's "did you mean" instead of pydantic's bare literal_error."""
+    def check(name: object) -> object:
+        try:
+            flavor_named(str(name), families or None)
+        except InvalidRequest as err:
+            raise ValueError(str(err)) from None
+        return name
+    return BeforeValidator(check)
+
+
+FlavorName = Annotated[Literal[tuple(jetstream2.FLAVORS)], _known_flavour()]  # type: ignore[valid-type]
+GpuFlavorName = Annotated[Literal["g3.small", "g3.medium", "g3.large", "g3.xl"], _known_flavour("g3")]
+LargeMemoryFlavorName = Annotated[Literal["r3.large", "r3.xl"], _known_flavour("r3")]
 
 
 class VmJobResult(BaseModel):
@@ -53,7 +72,12 @@ class VmJobResult(BaseModel):
     cloud: str
     exit_status: int
     stdout_tail: str
+    results_dir: str
+    """Where the outputs, stdout.txt and stderr.txt are (``results/<run id>`` by default)."""
     outputs: list[str]
+    """Local paths of the files brought back, relative paths kept (``results/<id>/a/x.txt``)."""
+    missing_outputs: list[str]
+    refused_outputs: dict[str, str]
     resources: list[HeldResource]
     su_estimated: float
     su_spent: float
@@ -74,8 +98,10 @@ def vm_job(
     name: str = "vm-job",
     cloud: str = "local",
     max_hours: float = 1.0,
-    results_dir: str = "results",
+    results_dir: str | None = None,
+    secret_env: dict[str, str] | None = None,
     boot_timeout_seconds: float = 900.0,
+    transfer_timeout_seconds: float = 600.0,
     pipeline: str = "vm-job",
     budget_su: float | None = None,
     allocation: str | None = None,
@@ -90,13 +116,17 @@ def vm_job(
         command: Shell command run in the job directory on the VM.
         script: Local script to upload and run instead of a command (.py runs with python3).
         inputs: Local files or directories copied into the job directory first.
-        outputs: Paths relative to the job directory to bring back.
+        outputs: Paths relative to the job directory to bring back (whatever the job's exit).
         image: Image name; Jetstream2's Featured images come with SSH and Python.
         name: Server name (a DNS label: lower-case letters, digits, '-').
         cloud: "local" for the embedded cloud, or a saved cloud block ("<block-type>/<name>").
-        max_hours: Longest plausible walltime; sets the command timeout and the SU worst case.
-        results_dir: Local directory for the outputs.
-        boot_timeout_seconds: How long to wait for the VM to be ACTIVE and reachable.
+        max_hours: Longest plausible walltime of the command; the run fails past it.
+        results_dir: Local directory for the outputs and the job's stdout.txt/stderr.txt
+            (default results/<run id>).
+        secret_env: Environment variables for the job from saved Prefect Secret blocks,
+            {"VARIABLE": "secret-block-name"}; the values are never logged.
+        boot_timeout_seconds: How long to wait for the VM to be ACTIVE and reachable over SSH.
+        transfer_timeout_seconds: How long the upload, and then the download, may take.
         pipeline: Pipeline name stamped on every resource (used by `slipstream ls` and the reaper).
         budget_su: Most SUs this run may spend (default: the allocation's run budget, if any).
         allocation: A saved allocation block (its balances, run budget and warning thresholds).
@@ -105,34 +135,49 @@ def vm_job(
     """
     logger = get_run_logger()
     provider = load_cloud(cloud)
+    run_id = str(flow_run.get_id() or "") or uuid.uuid4().hex
+    results = Path(results_dir or Path("results") / run_id)
     plan = plan_vm_job(
         provider, name=name, flavor=flavor, image=image, command=command, script=script,
-        inputs=inputs or [], outputs=outputs or [], max_hours=max_hours, results_dir=results_dir,
+        inputs=inputs or [], outputs=outputs or [], max_hours=max_hours, results_dir=results,
+        secret_env=secret_env, boot_timeout_seconds=boot_timeout_seconds,
+        transfer_timeout_seconds=transfer_timeout_seconds, roots=allowed_roots(bool(deployment.get_id())),
     )
-    logger.info("plan: 1 x %s on %s for at most %.1f h: worst case %.2f SU", flavor, provider.name, max_hours, plan.worst_case_su)
-    budget_su, held_allocation = guard_budget([PlannedServers(plan.flavor, plan.spec.count, max_hours)],
-                                              budget_su, allocation, override_budget)
+    (planned,) = plan.planned
+    # The first lease covers the boot; the run's heartbeat renews it while the work goes on.
+    owner = Ownership.new(pipeline, run_id=run_id, lease=first_lease(timedelta(seconds=boot_timeout_seconds)))
+    logger.info("plan: 1 x %s on %s for at most %g h of work + %.2f h to boot, transfer and tear down: "
+                "worst case %.2f SU", flavor, provider.name, max_hours, planned.overhead_hours, plan.worst_case_su)
+    budget_su, held_allocation = guard_budget(plan.planned, budget_su, allocation, override_budget)
 
-    owner = Ownership.new(pipeline, run_id=str(flow_run.get_id() or "") or None,
-                          lease=first_lease(timedelta(seconds=boot_timeout_seconds)))  # renewed by its beats
     keypair = ssh.generate_keypair(comment=f"slipstream-{owner.run_id}")
     lease = Lease(provider, owner, on_event=resource_event_emitter(owner, provider.name))
     lease.ledger.record_worst_case(owner.run_id, pipeline, provider.name, plan.worst_case_su)
+    outcome, fetched, server = None, FetchedOutputs(results), None
     try:
         with lease, watching_budget(lease, budget_su, allocation=held_allocation, interval=budget_check_seconds):
+            boot_deadline = time.monotonic() + boot_timeout_seconds
             registered = register_keypair(lease, keypair.public_key)
             spec = replace(plan.spec, key_name=registered.name)
             (server,) = wait_until_active(lease, provision_servers(lease, spec), timeout=boot_timeout_seconds)
             server = attach_floating_ip(lease, server)
-            target = wait_for_ssh(provider, server, keypair, timeout=boot_timeout_seconds)
+            target = wait_for_ssh(provider, server, keypair, timeout=max(1.0, boot_deadline - time.monotonic()))
             progress.report("work", 0, 3, "uploading inputs")
-            upload_inputs(target, [*plan.inputs, *([plan.script] if plan.script else [])], REMOTE_JOB_DIR)
+            upload_inputs(target, [*plan.inputs, *([plan.script] if plan.script else [])], REMOTE_JOB_DIR,
+                          deadline=time.time() + transfer_timeout_seconds)
             progress.report("work", 1, 3, f"running: {plan.command[:40]}")
-            result = run_remote_command(target, plan.command, REMOTE_JOB_DIR, timeout=max_hours * 3600)
-            progress.report("work", 2, 3, "downloading outputs")
-            got = download_outputs(target, list(plan.outputs), REMOTE_JOB_DIR, plan.results_dir)
+            try:
+                outcome = run_remote_command(target, plan.command, REMOTE_JOB_DIR, timeout=max_hours * 3600,
+                                             results_dir=results, cloud=provider, server=server,
+                                             secret_env=plan.secret_env)
+            finally:  # whatever the exit, even a dropped connection: bring back what exists
+                progress.report("work", 2, 3, "downloading outputs")
+                fetched = _fetch_what_exists(target, plan, results, transfer_timeout_seconds, logger)
             progress.report("work", 3, 3, "done")
             progress.report("teardown", 0, 1, "deleting everything the run created")
+    except KeyboardInterrupt:
+        exit_if_prefect_is_gone(lease, provider, results)
+        raise
     finally:
         # Runs on failure too: the researcher sees what was created, what it cost and the proof.
         if lease.proof is not None:
@@ -141,12 +186,28 @@ def vm_job(
     progress.report("teardown", 1, 1, "clean" if proof.clean else "INCOMPLETE")
     if not proof.clean:
         raise RuntimeError(proof.summary())
+    kept = (f"Outputs and the job's full {STDOUT_FILE}/{STDERR_FILE} are in {results}/: {fetched.summary()}.")
+    if failure := job_failure(plan, outcome, server.name, kept):
+        raise failure
     return VmJobResult(
-        run_id=owner.run_id, cloud=provider.name, exit_status=result.exit_status,
-        stdout_tail="\n".join(result.stdout.splitlines()[-20:]), outputs=[str(p) for p in got],
-        resources=proof.deleted, su_estimated=plan.worst_case_su, su_spent=sum(m.su for m in metered),
-        metered=metered, teardown_clean=proof.clean, teardown_remaining=proof.remaining, su_budget=budget_su,
+        run_id=owner.run_id, cloud=provider.name, exit_status=outcome.exit_status,
+        stdout_tail="\n".join(outcome.stdout.splitlines()[-20:]), results_dir=str(results),
+        outputs=[str(results / f) for f in fetched.files], missing_outputs=fetched.missing,
+        refused_outputs=fetched.refused, resources=proof.deleted, su_estimated=plan.worst_case_su,
+        su_spent=sum(m.su for m in metered), metered=metered, teardown_clean=proof.clean,
+        teardown_remaining=proof.remaining, su_budget=budget_su,
     )
+
+
+def _fetch_what_exists(target, plan, results: Path, transfer_timeout_seconds: float, logger) -> FetchedOutputs:
+    """The outputs that exist, or nothing if the VM cannot be reached any more (logged: the
+    job's own outcome is the error worth raising)."""
+    try:
+        return download_outputs(target, list(plan.outputs), REMOTE_JOB_DIR, results,
+                                deadline=time.time() + transfer_timeout_seconds)
+    except ssh.SshError as err:
+        logger.error("could not download the outputs: %s", err)
+        return FetchedOutputs(results, missing=list(plan.outputs))
 
 
 @flow(name="gpu-job", log_prints=True, **TEARDOWN_HOOKS)
@@ -158,14 +219,16 @@ def gpu_job(
     outputs: list[str] | None = None,
     cloud: str = "local",
     max_hours: float = 1.0,
-    results_dir: str = "results",
+    results_dir: str | None = None,
+    secret_env: dict[str, str] | None = None,
     budget_su: float | None = None,
     allocation: str | None = None,
     override_budget: bool = False,
 ) -> VmJobResult:
     """A VM job on an A100 vGPU slice (g3.small … g3.xl). Never suspended: Jetstream2 forbids it."""
     return vm_job(flavor=flavor, command=command, script=script, inputs=inputs, outputs=outputs,
-                  cloud=cloud, max_hours=max_hours, results_dir=results_dir, name="gpu-job", pipeline="gpu-job",
+                  cloud=cloud, max_hours=max_hours, results_dir=results_dir, secret_env=secret_env,
+                  name="gpu-job", pipeline="gpu-job",
                   budget_su=budget_su, allocation=allocation, override_budget=override_budget)
 
 
@@ -178,14 +241,16 @@ def large_memory_job(
     outputs: list[str] | None = None,
     cloud: str = "local",
     max_hours: float = 1.0,
-    results_dir: str = "results",
+    results_dir: str | None = None,
+    secret_env: dict[str, str] | None = None,
     budget_su: float | None = None,
     allocation: str | None = None,
     override_budget: bool = False,
 ) -> VmJobResult:
     """A VM job on a large-memory flavour (r3.large: 500 GB, r3.xl: 1000 GB RAM)."""
     return vm_job(flavor=flavor, command=command, script=script, inputs=inputs, outputs=outputs,
-                  cloud=cloud, max_hours=max_hours, results_dir=results_dir, name="large-memory-job",
+                  cloud=cloud, max_hours=max_hours, results_dir=results_dir, secret_env=secret_env,
+                  name="large-memory-job",
                   pipeline="large-memory-job", budget_su=budget_su, allocation=allocation,
                   override_budget=override_budget)
 

@@ -3,10 +3,12 @@
     slipstream demo                 run the demo pipeline on the embedded local cloud
     slipstream ls                   resources slipstream owns, on every configured cloud
     slipstream local status         the local cloud: VMs, addresses, quota use, processes
-    slipstream local reset          end every local-cloud VM by its recorded process group
+    slipstream local reset          end every local-cloud VM by its recorded process group, and any
+                                    Prefect temporary server a killed flow left running
     slipstream lab up|down|status   a real OpenStack control plane on this machine (root, Debian)
     slipstream plan FLOW [k=v ...]  a flow's worst-case SUs against its budget, creating nothing
     slipstream report RUN_ID        a run's resources, SU estimated vs spent, proof, burn chart
+    slipstream runs                 recent runs on this machine: cost and teardown proof
     slipstream reap [--yes]         delete what finished, crashed or expired runs left behind
     slipstream slurm ...            Slurm's power programs (resume|suspend|resume-fail) and sweep
 
@@ -87,8 +89,12 @@ def cmd_local_status(args: argparse.Namespace) -> int:
 
 
 def cmd_local_reset(args: argparse.Namespace) -> int:
+    from slipstream.temporary_servers import end_orphaned_temporary_servers
+
     summary = _local_cloud().reset()
     console.print(f"local cloud reset: {summary}")
+    for server in end_orphaned_temporary_servers():
+        console.print(f"ended {server.describe()}")
     return 0
 
 

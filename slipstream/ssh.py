@@ -30,6 +30,7 @@ import asyncio
 import itertools
 import logging
 import re
+import secrets
 import shlex
 import time
 import weakref
@@ -265,45 +266,93 @@ class CommandResult:
     stderr: str
 
 
+def _env_name(name: str) -> str:
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+        raise ValueError(f"{name!r} is not an environment variable name")
+    return name
+
+
 def _in_home(command: str, env: dict[str, str] | None) -> str:
     # Real VMs start sessions in $HOME already; LocalCloud's sshd starts in the passwd home and
     # sets HOME to the VM's disk. Variables go into the script, not SSH "env" requests: stock
     # sshd (AcceptEnv LANG LC_*) silently drops those.
     lines = ['cd "$HOME" || exit 1']
     for name, value in (env or {}).items():
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
-            raise ValueError(f"{name!r} is not an environment variable name")
-        lines.append(f"export {name}={shlex.quote(value)}")
+        lines.append(f"export {_env_name(name)}={shlex.quote(value)}")
     return "\n".join([*lines, command])
 
 
+#: Receives each line of a command's output as it arrives: ``on_output("stdout"|"stderr", line)``.
+OutputSink = Callable[[str, str], None]
+
+
+async def _secret_env_file(conn: asyncssh.SSHClientConnection, secret_env: dict[str, str]) -> str:
+    """Write ``secret_env`` as ``export`` lines into a fresh owner-only file in the login home
+    over SFTP, and return the shell lines that load and delete it. The values travel inside the
+    encrypted SFTP channel: never in a command line (visible in the VM's process table), a log or
+    user_data."""
+    name = f".slipstream-env-{secrets.token_hex(8)}"
+    body = "".join(f"export {_env_name(k)}={shlex.quote(v)}\n" for k, v in secret_env.items())
+    async with conn.start_sftp_client() as sftp:
+        flags = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | asyncssh.FXF_EXCL  # a fresh file, never another's
+        async with sftp.open(name, flags, asyncssh.SFTPAttrs(permissions=0o600)) as handle:
+            await handle.write(body)
+    return f'. "$HOME/{name}"; rc=$?; rm -f "$HOME/{name}"; [ "$rc" = 0 ] || exit 1'
+
+
 def run_command(target: SshTarget, command: str, *, timeout: float,
-                env: dict[str, str] | None = None, check: bool = True) -> CommandResult:
+                env: dict[str, str] | None = None, check: bool = True,
+                on_output: OutputSink | None = None,
+                secret_env: dict[str, str] | None = None) -> CommandResult:
     """Run ``command`` with the login shell, in the login home, and wait at most ``timeout`` s.
 
+    ``on_output`` hears every line of stdout and stderr as the command prints it. ``secret_env``
+    is exported to the command without ever appearing in a command line or a log.
     Raises :class:`RemoteCommandFailed` on a non-zero exit when ``check``, :class:`SshTimeout`
-    when the command outlives ``timeout`` (it may keep running on the server).
+    when the command outlives ``timeout`` (it may keep running on the server; the output it
+    printed until then is on the exception, as ``stdout`` and ``stderr``).
     """
+    stdout: list[str] = []
+    stderr: list[str] = []
+
+    async def pump(stream: asyncssh.SSHReader, name: str, sink: list[str]) -> None:
+        async for line in stream:
+            if not line:  # the reader's end-of-stream
+                break
+            sink.append(line)
+            if on_output:
+                on_output(name, line.rstrip("\n"))
+
     async def go() -> CommandResult:
         async with await _connect(target, min(timeout, CONNECT_TIMEOUT)) as conn:
+            script = _in_home(command, env)
+            if secret_env:
+                script = script.replace("\n", f"\n{await _secret_env_file(conn, secret_env)}\n", 1)
             try:
-                done = await conn.run(_in_home(command, env), stdin=asyncssh.DEVNULL,
-                                      timeout=timeout, errors="replace")
-            except asyncssh.TimeoutError:
-                raise SshTimeout(f"command did not finish within {timeout:.0f} s on "
-                                 f"{target.endpoint}: {command[:200]!r}") from None
+                proc = await conn.create_process(script, stdin=asyncssh.DEVNULL, errors="replace")
+                try:
+                    await asyncio.wait_for(asyncio.gather(pump(proc.stdout, "stdout", stdout),
+                                                          pump(proc.stderr, "stderr", stderr), proc.wait()),
+                                           timeout)
+                finally:
+                    proc.close()  # no wait: a command that outlived its time may never close its side
+                status = proc.returncode
+            except asyncio.TimeoutError:
+                err = SshTimeout(f"command did not finish within {timeout:.0f} s on "
+                                 f"{target.endpoint}: {command[:200]!r}")
+                err.stdout, err.stderr = "".join(stdout), "".join(stderr)
+                raise err from None
             except (asyncssh.Error, OSError) as err:
                 lost = f"{err}"
             else:
-                if done.returncode is None:
+                if status is None:
                     lost = "the session closed without an exit status"
-                elif done.returncode < 0 and await _closes_soon(conn):
+                elif status < 0 and await _closes_soon(conn):
                     # Killed by a signal as the connection went down: the server is stopping (its
                     # sshd signals the session first), not the command failing by itself.
-                    lost = f"the command was killed by signal {-done.returncode} as the connection closed"
+                    lost = f"the command was killed by signal {-status} as the connection closed"
                 else:
-                    return CommandResult(done.returncode, str(done.stdout or ""),
-                                         str(done.stderr or ""))
+                    return CommandResult(status, "".join(stdout), "".join(stderr))
             raise SshError(f"connection to {target.endpoint} lost while running "
                            f"{command[:200]!r}: {lost}. The server may have been stopped.")
 
@@ -353,18 +402,12 @@ def upload(target: SshTarget, local_paths: Iterable[Path], remote_dir: str, *,
 
 
 def download(target: SshTarget, remote_paths: Iterable[str], local_dir: Path, *,
-             timeout: float = 3600.0) -> None:
-    """Copy remote files and directories (recursively; relative paths: under $HOME) into
-    ``local_dir``, creating it if needed."""
-    paths = list(remote_paths)
-    Path(local_dir).mkdir(parents=True, exist_ok=True)
+             timeout: float = 3600.0) -> list[str]:
+    """Copy remote files and directories into ``local_dir``: see :func:`slipstream.transfer.download`
+    (the one safe way to bring files back from a VM)."""
+    from slipstream.transfer import download as safe_download  # it builds on this module
 
-    async def action(sftp: asyncssh.SFTPClient) -> None:
-        if paths:
-            await sftp.get(paths, str(local_dir), recurse=True, preserve=True)
-
-    log.debug("downloading %s from %s to %s", paths, target.endpoint, local_dir)
-    _run_sync(lambda: _transfer(target, f"download of {', '.join(paths)}", timeout, action))
+    return safe_download(target, remote_paths, local_dir, timeout=timeout)
 
 
 def wait_for_ssh(

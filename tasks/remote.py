@@ -2,10 +2,17 @@
 
 The host key is always checked against the fingerprints the server printed to its console log
 at boot (as cloud-init does); a mismatch stops the run instead of trusting the network.
+
+While the job runs, every line it prints goes to the run's logs as it is printed (``| `` for
+stdout, ``! `` for stderr) and into ``stdout.txt`` / ``stderr.txt`` in the results directory, and
+every few minutes (``SLIPSTREAM_PROGRESS_SECONDS``, default 300) a line says how long it has run
+and what it has cost so far.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -14,6 +21,13 @@ from prefect.cache_policies import NONE
 from slipstream import progress, ssh
 from slipstream.cloud.models import Server
 from slipstream.cloud.port import CloudProvider
+from slipstream.cost.accounting import meter_servers
+from slipstream.periodic import Periodic
+from slipstream.transfer import FetchedOutputs, fetch_outputs
+from slipstream.vmjob import STDERR_FILE, STDOUT_FILE, JobOutcome, describe_duration
+
+#: The most output lines one job sends to the run's logs; the rest is only in stdout.txt/stderr.txt.
+MAX_LOGGED_LINES = 5000
 
 
 @task(name="wait-for-ssh", cache_policy=NONE)
@@ -34,35 +48,96 @@ def wait_for_ssh(cloud: CloudProvider, server: Server, keypair: ssh.SshKeypair, 
     return ready
 
 
+def _left(deadline: float, what: str) -> float:
+    left = deadline - time.time()
+    if left <= 0:
+        raise ssh.SshTimeout(f"no time left for {what}: its deadline passed (raise transfer_timeout_seconds)")
+    return left
+
+
 @task(name="upload-inputs", retries=2, retry_delay_seconds=3, cache_policy=NONE)
-def upload_inputs(target: ssh.SshTarget, paths: list[Path], remote_dir: str) -> None:
-    ssh.run_command(target, f"mkdir -p {remote_dir}", timeout=60)
+def upload_inputs(target: ssh.SshTarget, paths: list[Path], remote_dir: str, deadline: float) -> None:
+    """Copy ``paths`` into ``remote_dir``; retries share one ``deadline`` (epoch seconds)."""
+    ssh.run_command(target, f"mkdir -p {remote_dir}", timeout=min(60, _left(deadline, "the upload")))
     if paths:
-        ssh.upload(target, paths, remote_dir)
+        ssh.upload(target, paths, remote_dir, timeout=_left(deadline, "the upload"))
         get_run_logger().info("uploaded %s to ~/%s", ", ".join(p.name for p in paths), remote_dir)
 
 
 @task(name="run-remote-command", cache_policy=NONE)
-def run_remote_command(target: ssh.SshTarget, command: str, remote_dir: str, timeout: float) -> ssh.CommandResult:
-    """Run the researcher's command in the job directory; its output goes to the flow's logs."""
+def run_remote_command(target: ssh.SshTarget, command: str, remote_dir: str, *, timeout: float, results_dir: Path,
+                       cloud: CloudProvider, server: Server,
+                       secret_env: dict[str, str] | None = None) -> JobOutcome:
+    """Run the researcher's command in the job directory, streaming its output to the run's logs
+    and to ``results_dir``; a timeout is an outcome, not an error, so the outputs are still fetched.
+
+    ``secret_env`` maps variable names to *names* of saved Prefect Secret blocks: the values are
+    read here, in the task, and go to the VM over SSH only (never a parameter, log or artifact)."""
     logger = get_run_logger()
     logger.info("running on %s: %s", target.host, command)
-    result = ssh.run_command(target, f"cd {remote_dir} && {command}", timeout=timeout, check=False)
-    for line in result.stdout.splitlines()[-50:]:
-        logger.info("| %s", line)
-    for line in result.stderr.splitlines()[-20:]:
-        logger.warning("! %s", line)
-    if result.exit_status != 0:
-        raise ssh.RemoteCommandFailed(command, result.exit_status, result.stderr)
-    return result
+    results_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    logged = 0
+
+    with open(results_dir / STDOUT_FILE, "w") as out, open(results_dir / STDERR_FILE, "w") as err:
+        def on_output(stream: str, line: str) -> None:
+            nonlocal logged
+            (out if stream == "stdout" else err).write(line + "\n")
+            (out if stream == "stdout" else err).flush()
+            logged += 1
+            if logged <= MAX_LOGGED_LINES:
+                (logger.info if stream == "stdout" else logger.warning)("%s %s", "|" if stream == "stdout" else "!", line)
+            elif logged == MAX_LOGGED_LINES + 1:
+                logger.info("... more output than %d lines: the rest is in %s", MAX_LOGGED_LINES, results_dir)
+
+        interval = float(os.environ.get("SLIPSTREAM_PROGRESS_SECONDS", 300))
+
+        def so_far() -> None:
+            if time.monotonic() - started < interval / 2:
+                return  # the first round comes at once: nothing to say yet
+            spent = sum(m.su for m in meter_servers(cloud, [(server.id, server.name, server.flavor)]))
+            logger.info("running for %s, %.4f SU so far", describe_duration(time.monotonic() - started), spent)
+
+        ticker = Periodic("slipstream-job-progress", so_far, interval, on_error=lambda e: logger.debug("progress line skipped: %s", e))
+        ticker.start()
+        try:
+            result = ssh.run_command(target, f"cd {remote_dir} && {command}", timeout=timeout, check=False,
+                                     on_output=on_output, secret_env=_secret_values(secret_env or {}))
+        except ssh.SshTimeout as timed_out:
+            return JobOutcome(None, timed_out.stdout, timed_out.stderr, time.monotonic() - started, timed_out=True)
+        finally:
+            ticker.stop(timeout=5)
+    return JobOutcome(result.exit_status, result.stdout, result.stderr, time.monotonic() - started)
 
 
-@task(name="download-outputs", retries=2, retry_delay_seconds=3, cache_policy=NONE)
-def download_outputs(target: ssh.SshTarget, outputs: list[str], remote_dir: str, local_dir: Path) -> list[Path]:
-    if not outputs:
-        return []
-    local_dir.mkdir(parents=True, exist_ok=True)
-    ssh.download(target, [f"{remote_dir}/{o}" for o in outputs], local_dir)
-    got = [local_dir / Path(o).name for o in outputs]
-    get_run_logger().info("downloaded %s to %s", ", ".join(o for o in outputs), local_dir)
-    return got
+def _secret_values(names: dict[str, str]) -> dict[str, str]:
+    from prefect.blocks.system import Secret
+
+    values = {}
+    for variable, block in names.items():
+        try:
+            value = Secret.load(block).get()
+        except ValueError as err:  # Prefect's "Unable to find block document named ..."
+            raise ValueError(f"secret_env[{variable!r}]: no saved Secret block named {block!r} ({err}). "
+                             f"Save one first: Secret(value=...).save({block!r})") from None
+        if not isinstance(value, str):
+            raise ValueError(f"secret_env[{variable!r}]: the Secret block {block!r} holds a "
+                             f"{type(value).__name__}, not a string; save the value as a string")
+        values[variable] = value
+    return values
+
+
+@task(name="download-outputs", retries=1, retry_delay_seconds=3, cache_policy=NONE)
+def download_outputs(target: ssh.SshTarget, outputs: list[str], remote_dir: str, local_dir: Path,
+                     deadline: float) -> FetchedOutputs:
+    """Fetch every output that exists (relative paths kept) and name the missing and refused ones.
+    A retry (connection trouble) starts afresh within the same ``deadline``."""
+    logger = get_run_logger()
+    fetched = fetch_outputs(target, remote_dir, outputs, local_dir, timeout=_left(deadline, "the download"))
+    if fetched.files:
+        logger.info("downloaded %s to %s", ", ".join(fetched.files), local_dir)
+    if fetched.missing:
+        logger.warning("not on the VM (nothing to download): %s", ", ".join(fetched.missing))
+    for path, why in fetched.refused.items():
+        logger.warning("refused to download %s: %s", path, why)
+    return fetched

@@ -72,7 +72,9 @@ def prefect_harness() -> Iterator[str]:
 
 @pytest.fixture
 def cloud_env(local_cloud, monkeypatch, tmp_path) -> LocalCloud:
-    """Flows called with ``cloud="local"`` use this test's LocalCloud and a private slipstream home."""
+    """Flows called with ``cloud="local"`` use this test's LocalCloud and a private slipstream home,
+    and run in ``tmp_path`` (so their default ``results/<run id>/`` lands there)."""
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SLIPSTREAM_LOCAL_HOME", str(local_cloud.home))
     monkeypatch.setenv("SLIPSTREAM_HOME", str(tmp_path / "slipstream"))
     return local_cloud

@@ -9,4 +9,4 @@ flows) only inside its handler, so that ``import slipstream.commands.x`` stays P
 from __future__ import annotations
 
 #: Registered in this order, after the built-in ones in slipstream.cli.
-COMMAND_MODULES: tuple[str, ...] = ("plan", "report", "slurm", "reap")
+COMMAND_MODULES: tuple[str, ...] = ("plan", "report", "runs", "slurm", "reap")

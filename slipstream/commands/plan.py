@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(col, justify=justify)
     for line in verdict.lines:
         p = line.planned
-        table.add_row(str(p.count), p.flavor.name, f"{line.su_per_hour:.2f}", f"{p.hours:g}",
+        hours = f"{p.hours:g}" + (f" + {p.overhead_hours:.2f}" if p.overhead_hours else "")
+        table.add_row(str(p.count), p.flavor.name, f"{line.su_per_hour:.2f}", hours,
                       f"{line.worst_case:.2f}", resource_name(line.resource))
     table.add_row("total", "", f"{verdict.su_per_hour:.2f}", "", f"{verdict.worst_case:.2f}", "")
     console.print(table)

@@ -22,16 +22,22 @@ from slipstream.jetstream2 import FLAVORS, su_per_hour
 
 @dataclass(frozen=True)
 class PlannedServers:
-    """``count`` servers of ``flavor`` for at most ``hours``."""
+    """``count`` servers of ``flavor`` for at most ``hours`` of work, plus ``overhead_hours``
+    around it (boot, transfers, teardown) that the run also pays for."""
 
     flavor: Flavor
     count: int
     hours: float
+    overhead_hours: float = 0.0
+
+    @property
+    def held_hours(self) -> float:
+        return self.hours + self.overhead_hours
 
 
 def estimate(plan: Iterable[PlannedServers]) -> float:
     """Worst-case SUs for ``plan``: every server ACTIVE for its whole walltime."""
-    return sum(su_per_hour(p.flavor) * p.count * p.hours for p in plan)
+    return sum(su_per_hour(p.flavor) * p.count * p.held_hours for p in plan)
 
 
 StateLog = Sequence[tuple[ServerStatus, datetime]]

@@ -25,7 +25,7 @@ late, so the balance is an upper bound of what is really left).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from slipstream.cost.accounting import PlannedServers, estimate
@@ -286,8 +286,9 @@ def _shrink_advice(lines: list[PlanLine], squeeze: list[tuple[float, float]]) ->
     if factor <= 0 or not lines:
         return []
     advice = []
-    hours = {line.planned.hours for line in lines}
-    if len(hours) == 1 and (shorter := _floor(hours.pop() * factor)) > 0:
+    hours = {(line.planned.hours, line.planned.overhead_hours) for line in lines}
+    if len(hours) == 1 and (shorter := _floor(sum(work_and_overhead := hours.pop()) * factor
+                                              - work_and_overhead[1])) > 0:
         advice.append(f"shorten max_hours to {shorter:g} or less")
     if len(lines) == 1:
         limit = min(limit for limit, _ in squeeze)
@@ -295,11 +296,11 @@ def _shrink_advice(lines: list[PlanLine], squeeze: list[tuple[float, float]]) ->
         fits = [
             f for f in FLAVORS.values()
             if f.family == p.flavor.family and f.vcpus < p.flavor.vcpus
-            and estimate([PlannedServers(f, p.count, p.hours)]) <= limit
+            and estimate([replace(p, flavor=f)]) <= limit
         ]
         if fits:
             best = max(fits, key=lambda f: f.vcpus)
-            cost = estimate([PlannedServers(best, p.count, p.hours)])
+            cost = estimate([replace(p, flavor=best)])
             advice.append(f"choose a smaller flavour, e.g. {best.name} ({_su(cost)} SU)")
     return advice
 
@@ -316,6 +317,7 @@ def _floor(x: float) -> float:
 def _describe(lines: Iterable[PlanLine]) -> str:
     return " + ".join(
         f"{p.count} x {p.flavor.name} at {su_per_hour(p.flavor):g} SU/h for {p.hours:g} h"
+        + (f" + {p.overhead_hours:.2f} h to boot, transfer and tear down" if p.overhead_hours else "")
         for p in (line.planned for line in lines)
     )
 

@@ -157,22 +157,37 @@ def _check_hours(max_hours: float) -> float:
 # vm_job and its presets ----------------------------------------------------------------------
 #: vm_job parameters that do not change what it holds or for how long.
 VM_JOB_IGNORES = ("command", "script", "inputs", "outputs", "image", "name", "cloud", "results_dir",
-                  "boot_timeout_seconds", "pipeline", "budget_check_seconds")
+                  "pipeline", "budget_check_seconds", "secret_env")
+#: How long deleting a run's servers may take after its work ends (retries included).
+TEARDOWN_ALLOWANCE_SECONDS = 300.0
+#: vm_job's deadlines for everything around the work (its parameters of the same names).
+BOOT_TIMEOUT_SECONDS, TRANSFER_TIMEOUT_SECONDS = 900.0, 600.0
 
 
-def vm_job_plan(flavor: str = "m3.small", max_hours: float = 1.0) -> list[PlannedServers]:
-    """vm_job: one server of ``flavor`` for at most ``max_hours``."""
-    return [PlannedServers(flavor_named(flavor), 1, _check_hours(max_hours))]
+def vm_job_overhead_hours(boot_timeout_seconds: float = BOOT_TIMEOUT_SECONDS,
+                          transfer_timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS) -> float:
+    """How long a vm_job's server can exist besides its ``max_hours`` of work, each phase bounded
+    by its deadline: boot and SSH (one deadline), the upload, the download, the teardown. Priced
+    with it, the worst case is a true upper bound of what the run is charged."""
+    return (boot_timeout_seconds + 2 * transfer_timeout_seconds + TEARDOWN_ALLOWANCE_SECONDS) / 3600
+
+
+def vm_job_plan(flavor: str = "m3.small", max_hours: float = 1.0, boot_timeout_seconds: float = BOOT_TIMEOUT_SECONDS,
+                transfer_timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS) -> list[PlannedServers]:
+    """vm_job: one server of ``flavor`` for at most ``max_hours`` of work, plus boot, transfers
+    and teardown."""
+    return [PlannedServers(flavor_named(flavor), 1, _check_hours(max_hours),
+                           vm_job_overhead_hours(boot_timeout_seconds, transfer_timeout_seconds))]
 
 
 def gpu_job_plan(flavor: str = "g3.medium", max_hours: float = 1.0) -> list[PlannedServers]:
     """gpu_job: one A100 vGPU server (g3.*)."""
-    return [PlannedServers(flavor_named(flavor, ["g3"]), 1, _check_hours(max_hours))]
+    return [PlannedServers(flavor_named(flavor, ["g3"]), 1, _check_hours(max_hours), vm_job_overhead_hours())]
 
 
 def large_memory_job_plan(flavor: str = "r3.large", max_hours: float = 1.0) -> list[PlannedServers]:
     """large_memory_job: one large-memory server (r3.*)."""
-    return [PlannedServers(flavor_named(flavor, ["r3"]), 1, _check_hours(max_hours))]
+    return [PlannedServers(flavor_named(flavor, ["r3"]), 1, _check_hours(max_hours), vm_job_overhead_hours())]
 
 
 register_plan("vm-job", vm_job_plan, ignores=VM_JOB_IGNORES)

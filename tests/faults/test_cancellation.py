@@ -314,3 +314,20 @@ def test_the_flows_can_be_served_directly_their_parameters_resolve_in_the_runs_p
                           env={**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "ph")})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["vm-job", "m3.small", "gpu-job", "g3.medium", "large-memory-job", "r3.large"]
+
+
+def test_hostile_deployment_parameters_are_refused_naming_the_allowed_directory(served, local_cloud):
+    """A form anyone with UI access can fill must not make the worker read its own files or write
+    into them: a deployment run is confined to its working directory."""
+    with get_client(sync_client=True) as client:
+        deployment = wait_until(lambda: _deployment(client, f"vm-job/{served.deployment}"), timeout=60,
+                                what="the served deployment")
+        runs = [client.create_flow_run_from_deployment(deployment.id, parameters={
+            "flavor": "m3.tiny", "command": "true", **hostile}) for hostile in (
+            {"inputs": ["/etc/shadow"]}, {"inputs": ["~/.ssh"]}, {"results_dir": "/root/.ssh"})]
+        for run in runs:
+            state = wait_until(lambda: (s := _state(client, run.id)).is_final() and s, timeout=120,
+                               what="the hostile run to end")
+            assert state.type == StateType.FAILED, state
+            assert "outside the directories this run may use" in state.message and f"Allowed: {ROOT}" in state.message
+    assert local_cloud.server_history() == [] and not list(local_cloud.list_keypairs())

@@ -125,6 +125,61 @@ def test_a_boot_slower_than_its_deadline_times_out_and_the_vm_is_deleted_unbille
     assert assert_nothing_left_and_su_right(cloud_env, run_id_of(state)) == 0.0
 
 
+def test_hostile_symlinks_in_outputs_never_write_outside_the_results_nor_keep_setuid(cloud_env, tmp_path):
+    """What a job (or anyone on the VM) leaves in its outputs cannot reach the host: symlinks out
+    of the job directory, a chain of them, a link through which a requested path leads out, a
+    04777 file, and a symlink the host already had in a reused results directory."""
+    import os
+    import stat
+
+    from slipstream.flows.vm_job import vm_job
+
+    beside, results = tmp_path / "beside-results", tmp_path / "results"
+    beside.mkdir()
+    (beside / "secret.txt").write_text("the VM must not get this back\n")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched\n")
+    (results / "out").mkdir(parents=True)
+    (results / "out" / "real.txt").symlink_to(victim)  # a rerun into a directory with a planted link
+    plant = (f"mkdir -p out && echo ok > out/real.txt && ln -s real.txt out/alias.txt && ln -s /etc out/etc"
+             f" && ln -s {beside} out/escape && ln -s c2 out/c1 && ln -s ../../../../../../../..{beside} out/c2"
+             f" && ln -s ../out/c1 out/c0 && echo x > out/suid && chmod 4777 out/suid && ln -s {beside} door")
+    result = vm_job(flavor="m3.tiny", command=plant, results_dir=str(results),
+                    outputs=["out", "out/escape/new.txt", "door/secret.txt"])
+
+    assert (results / "out" / "real.txt").read_text() == "ok\n" and not (results / "out" / "real.txt").is_symlink()
+    assert victim.read_text() == "untouched\n"
+    assert (results / "out" / "alias.txt").read_text() == "ok\n"  # a link inside the job directory: its file
+    assert sorted(p.name for p in beside.iterdir()) == ["secret.txt"]  # nothing planted beside the results
+    assert not [p for p in results.rglob("*") if p.is_symlink()]
+    assert not (results / "door").exists()
+    mode = stat.S_IMODE(os.stat(results / "out" / "suid").st_mode)
+    assert mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWOTH) == 0, oct(mode)
+    assert {"out/etc", "out/escape", "out/c0", "out/c1", "out/c2", "door/secret.txt"} <= set(result.refused_outputs)
+    assert "outside the job directory" in result.refused_outputs["out/escape"]
+    assert result.missing_outputs == ["out/escape/new.txt"] or "out/escape/new.txt" in result.refused_outputs
+    assert not list(results.glob(".slipstream-download-*"))  # the staging directory is gone
+    assert_nothing_left_and_su_right(cloud_env, result.run_id)
+
+
+def test_hostile_local_paths_are_refused_before_anything_is_created(cloud_env, tmp_path, monkeypatch):
+    """With the allowed roots configured (a deployment run gets its working directory), inputs,
+    scripts and results directories elsewhere on the worker are refused, naming the roots."""
+    from slipstream.cloud.errors import InvalidRequest
+    from slipstream.flows.vm_job import vm_job
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "key").symlink_to(tmp_path / "elsewhere")
+    monkeypatch.setenv("SLIPSTREAM_ALLOWED_ROOTS", str(work))
+    for bad in ({"inputs": ["/etc/passwd"]}, {"inputs": ["~/.ssh"]}, {"script": "/etc/hostname", "command": None},
+                {"script": "/no/such/file.py", "command": None},  # refused as outside, not as missing
+                {"results_dir": "/root/.ssh"}, {"results_dir": str(work / ".." / "x")}, {"inputs": [str(work / "data")]}):
+        with pytest.raises(InvalidRequest, match=f"outside the directories this run may use.*Allowed: {work}"):
+            vm_job(**{"flavor": "m3.tiny", "command": "true", **bad})
+    assert cloud_env.server_history() == [] and not (tmp_path / "x").exists()
+
+
 # --- through the Lease -------------------------------------------------------------------------
 
 def test_a_quota_hit_by_the_second_batch_cleans_the_first_and_charges_only_its_seconds(local_cloud, tmp_path):

@@ -1,7 +1,7 @@
 """Secrets never leak: run the flows with a known fake credential secret and a known private key,
 then look for them everywhere a researcher (or anyone they share a screen with) could see them.
 
-The runs: a vm_job that succeeds on the local cloud, one whose command fails, and one whose cloud
+The runs: a vm_job that succeeds on the local cloud (given a job secret through ``secret_env``), one whose command fails, and one whose cloud
 is an OpenStack application credential (saved as a block) pointing at a closed port, so that
 signing in fails — that failure's exception text is part of the scan. What is scanned for the
 secret and for every line of the run's SSH private key:
@@ -12,11 +12,13 @@ secret and for every line of the run's SSH private key:
   parameters in the API;
 - the exception texts (with tracebacks) of the failed runs;
 - the user_data and every other field of what the cloud was asked to create;
-- every file slipstream wrote: its home (ledger, report files) and the local cloud's home.
+- every file slipstream wrote: its home (ledger, report files) and the local cloud's home (the VM's disk);
+- for the job secret: the job's outputs and its stdout/stderr files, and its own shell's command line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import socket
@@ -26,6 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 
 # Imported here, not in the test: Prefect configures logging when first imported, which would
@@ -37,6 +40,7 @@ from slipstream.cloud.local.servers import ServerOps
 from support import wait_until
 
 FAKE_SECRET = f"fake-app-cred-secret-{uuid.uuid4().hex}"
+JOB_SECRET = f"job-token-{uuid.uuid4().hex}"
 
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -80,7 +84,7 @@ def closed_port() -> int:
 
 def needles(private_keys: list[str]) -> dict[str, str]:
     """What must never appear: the secret, and each base64 line of each private key."""
-    found = {"credential secret": FAKE_SECRET}
+    found = {"credential secret": FAKE_SECRET, "job secret": JOB_SECRET}
     for n, text in enumerate(private_keys):
         for line in text.splitlines():
             if len(line) >= 20 and not line.startswith("-----"):
@@ -121,8 +125,21 @@ def test_no_secret_or_private_key_anywhere_a_run_leaves_text(cloud_env, caplog, 
     caplog.set_level(logging.DEBUG)
     failures: list[str] = []
 
-    ok = vm_job(flavor="m3.tiny", command="echo fine", return_state=True)
+    Secret(value=JOB_SECRET).save("hygiene-job-token", overwrite=True)
+    # The job gets the secret as an environment variable, and sees it nowhere else: not on the
+    # command line of its own shell (which the VM's process table shows to everyone).
+    ok = vm_job(flavor="m3.tiny", secret_env={"API_TOKEN": "hygiene-job-token"}, return_state=True, command=(
+        'echo fine; printf %s "$API_TOKEN" | sha256sum; tr "\\0" " " < /proc/$$/cmdline > cmdline.txt; '
+        'grep -c -F "$API_TOKEN" cmdline.txt; ls -a "$HOME" > home.txt'), outputs=["home.txt"])
     assert ok.is_completed(), ok.message
+    job = ok.result()
+    assert hashlib.sha256(JOB_SECRET.encode()).hexdigest() in job.stdout_tail
+    assert job.stdout_tail.splitlines()[-1] == "0"  # not in its shell's command line
+    home = (Path(job.results_dir) / "home.txt").read_text()
+    assert ".slipstream-env" not in home  # the file that carried it was deleted before the job began
+    for path in Path(job.results_dir).rglob("*"):
+        if path.is_file():
+            assert JOB_SECRET not in path.read_text(), path
     failed = vm_job(flavor="m3.tiny", command="echo about to fail >&2; exit 3", return_state=True)
     assert failed.is_failed()
     failures.append(_exception_text(failed))
@@ -144,7 +161,7 @@ def test_no_secret_or_private_key_anywhere_a_run_leaves_text(cloud_env, caplog, 
         + [("exception", text) for text in failures]
         + [("sent to the cloud", text) for text in sent_to_cloud]
         + api_texts()
-        + files_under(tmp_path / "slipstream", cloud_env.home)
+        + files_under(tmp_path / "slipstream", cloud_env.home, tmp_path / "results")
     )
     # The scan does see the runs' texts, the sign-in attempt, and a whole key's worth of needles.
     assert any("echo fine" in text for _, text in texts) and "auth/tokens" in caplog.text

@@ -48,12 +48,15 @@ def test_a_failing_command_fails_the_flow_and_still_tears_down(cloud_env):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        # The typed parameter refuses it in Prefect itself, naming every valid flavour.
-        ({"flavor": "g3.huge", "command": "true"}, "flavor: Input should be .*'g3.medium'"),
+        # The typed parameter refuses it in Prefect itself, with the CLI's "did you mean".
+        ({"flavor": "g3.huge", "command": "true"}, "unknown flavour 'g3.huge'.*g3.medium.*Did you mean g3.large"),
         ({"image": "Featured-Windows", "command": "true"}, "unknown image 'Featured-Windows'.*Featured-Ubuntu24"),
         ({"script": "/no/such/script.py"}, "script '/no/such/script.py' does not exist"),
         ({"command": "true", "name": "x; rm -rf ~"}, "not allowed"),
         ({"command": "true", "outputs": ["../../etc/passwd"]}, "not inside the job directory"),
+        ({"command": "true", "outputs": ["."]}, "not inside the job directory"),
+        ({"command": "true", "outputs": ["stdout.txt"]}, "would collide with the job's own stdout.txt"),
+        ({"command": "true", "secret_env": {"BAD NAME": "x"}}, "is not ENV_NAME -> saved secret name"),
     ],
 )
 def test_bad_input_fails_before_anything_is_created(cloud_env, kwargs, message):
@@ -63,6 +66,15 @@ def test_bad_input_fails_before_anything_is_created(cloud_env, kwargs, message):
     with pytest.raises((InvalidRequest, Exception), match=message):
         vm_job(**{"flavor": "m3.tiny", **kwargs})
     assert cloud_env.server_history() == calls_before
+
+
+def test_a_gpu_job_flavour_typo_from_python_says_did_you_mean(cloud_env):
+    from slipstream.flows.vm_job import gpu_job
+
+    with pytest.raises(Exception, match=r"unknown flavour 'g3.medum'.*Did you mean g3.medium\?") as err:
+        gpu_job(command="true", flavor="g3.medum")
+    assert "literal_error" not in str(err.value)
+    assert cloud_env.server_history() == []
 
 
 def test_a_negative_count_is_refused_with_the_rule(cloud_env):

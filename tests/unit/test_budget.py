@@ -131,8 +131,11 @@ def test_a_zero_or_negative_budget_is_bad_input():
 
 # plan builders --------------------------------------------------------------------------------
 def test_builders_convert_key_value_strings_by_type_and_skip_cost_free_flow_parameters():
-    built = build_plan("vm-job", parse_assignments(["flavor=m3.quad", "max_hours=2.5", "command=ls"]))
-    assert built == [PlannedServers(FLAVORS["m3.quad"], 1, 2.5)]
+    built = build_plan("vm-job", parse_assignments(["flavor=m3.quad", "max_hours=2.5", "command=ls",
+                                                     "boot_timeout_seconds=600", "transfer_timeout_seconds=300"]))
+    # The worst case holds the server for the work plus the deadlines around it: boot and SSH,
+    # upload, download (each bounded by its timeout) and 5 minutes of teardown.
+    assert built == [PlannedServers(FLAVORS["m3.quad"], 1, 2.5, overhead_hours=(600 + 2 * 300 + 300) / 3600)]
 
 
 @pytest.mark.parametrize(
@@ -187,7 +190,8 @@ def test_slipstream_plan_prints_resources_rates_worst_case_and_balance():
     assert out.returncode == 0, out.stderr
     assert "plan for gpu-job (flavor=g3.large max_hours=4)" in out.stdout
     row = next(line for line in out.stdout.splitlines() if "g3.large" in line and "32.00" in line)
-    assert "128.00" in row and "Jetstream2 GPU" in row
+    # 4 h of work + 0.67 h to boot (900 s), transfer (2 x 600 s) and tear down (300 s): 149.33 SU.
+    assert "4 + 0.67" in row and "149.33" in row and "Jetstream2 GPU" in row
     assert "run budget 200.00 SU; Jetstream2 GPU balance 5000.00 SU (fixed figure)" in out.stdout
     assert "verdict: OK" in out.stdout
 
@@ -195,9 +199,11 @@ def test_slipstream_plan_prints_resources_rates_worst_case_and_balance():
 def test_slipstream_plan_shows_a_refusal_and_exits_1():
     out = run_cli("plan", "gpu-job", "flavor=g3.large", "max_hours=4", "budget_su=100")
     assert out.returncode == 1, out.stderr
-    assert "verdict: REFUSED — worst case 128.00 SU" in out.stdout
-    assert "- raise budget_su to at least 128.00" in out.stdout
-    assert "- choose a smaller flavour, e.g. g3.medium (64.00 SU)" in out.stdout
+    assert ("verdict: REFUSED — worst case 149.33 SU (1 x g3.large at 32 SU/h for 4 h + 0.67 h to boot, "
+            "transfer and tear down)") in out.stdout
+    assert "- raise budget_su to at least 149.33" in out.stdout
+    assert "- shorten max_hours to 2.45 or less" in out.stdout  # 2.45 h + 0.67 h at 32 SU/h fits in 100
+    assert "- choose a smaller flavour, e.g. g3.medium (74.67 SU)" in out.stdout
 
 
 def test_slipstream_plan_bad_input_is_one_clean_line():
