@@ -87,7 +87,7 @@ def provision_on_lab(cloud: Any, run_id: str, ledger_path: str, image: str) -> P
 def test_vm_job_provisioning_on_the_lab_leaves_nothing(lab_cloud, tmp_path):
     images = [i.name for i in lab_cloud.list_images()]
     image = DEFAULT_IMAGE if DEFAULT_IMAGE in images else min(images)
-    run_id = f"t{uuid.uuid4().hex[:12]}"
+    run_id = uuid.uuid4().hex  # keypairs are owned only under run ids slipstream makes
 
     got = provision_on_lab(lab_cloud, run_id, str(tmp_path / "ledger.db"), image)
 
