@@ -28,7 +28,7 @@ from slipstream.cloud.waiting import wait_for_servers
 from slipstream.ownership.lease import Lease
 from slipstream.jetstream2 import FLAVORS
 from slipstream.slurm.attempts import GAVE_UP
-from slipstream.slurm.commands import JobInfo, NodeInfo, Slurm
+from slipstream.slurm.commands import JobInfo, NodeInfo, Slurm, SlurmCommandError
 from slipstream.slurm.config import PARTITION, ClusterSettings, write_cluster_files
 from slipstream.slurm.jobs import NEVER_RUNNABLE, JobCannotRun, JobTracker
 from slipstream.slurm.nodesetup import head_user_data
@@ -65,6 +65,7 @@ class ElasticCluster:
     settings: ClusterSettings
     slurm: Slurm
     lease: Lease
+    silence_limit: float = 120.0  # seconds slurmctld may fail to answer before the wait gives up
 
     def wait_for_jobs(self, job_ids: Sequence[str], *, timeout: float,
                       on_progress: Callable[[list[JobInfo]], None] | None = None,
@@ -76,16 +77,26 @@ class ElasticCluster:
         Each round: ``on_end`` for each job whose end is new, ``on_progress`` with every job,
         ``on_nodes`` with every node, ``every`` (the orphan sweep). A job that can never start
         is cancelled and raises :class:`JobCannotRun`; when every node has been given up (see
-        :mod:`.attempts`) while jobs wait, :class:`NodesGaveUp`."""
+        :mod:`.attempts`) while jobs wait, :class:`NodesGaveUp`. A round where slurmctld does not
+        answer is logged and asked again, up to ``silence_limit`` seconds of silence."""
         tracker = JobTracker(job_ids)
         deadline = time.monotonic() + timeout
+        answered = time.monotonic()
         while True:
-            for job in tracker.observe(self.slurm.jobs()):
+            try:
+                snapshot, nodes = self.slurm.jobs(), self.slurm.nodes()
+                answered = time.monotonic()
+            except SlurmCommandError as err:  # one busy or restarting slurmctld is no reason to fail
+                if time.monotonic() - answered > self.silence_limit:
+                    raise
+                log.warning("slurmctld did not answer (%s); asking again", err)
+                time.sleep(poll)
+                continue
+            for job in tracker.observe(snapshot):
                 if on_end:
                     on_end(job)
             if on_progress:
                 on_progress(tracker.jobs)
-            nodes = self.slurm.nodes()
             if on_nodes:
                 on_nodes(nodes)
             if tracker.done:

@@ -19,55 +19,59 @@ hostname, in a UTS namespace of its own, set to that address), the workers share
 
 Every setting of the rendered ``slurm.conf``, and why (defaults of :class:`ClusterSettings`):
 
-========================================================  ==============================================
-``ClusterName=<name>``                                    the cluster's name; nodes are ``<name>-<i>``
-``SlurmctldHost=<head address>`` (real: ``<name>-head``)   the head VM runs slurmctld
-``SlurmctldPort=6817``, node ``Port=6818+i-1``            Slurm's default; on the local cloud every
-                                                          slurmd shares this host, so each has a port
-``SlurmUser=root``, ``SlurmdUser=root``                   the daemons run as whoever runs the VMs
-``AuthType=auth/munge``, ``CredType=cred/munge``          munge, Slurm's standard authentication
-``StateSaveLocation``, ``SlurmdSpoolDir``, pid and log    all inside the cluster's directory: nothing
-files                                                     in /etc or /var, deleted with the cluster; the
-                                                          logs are kept in the run's results first
-``ProctrackType=proctrack/linuxproc``, ``TaskPlugin=task/none``  no cgroups: a local-cloud VM is a process group
-``SelectType=select/cons_tres``, ``CR_Core``              jobs share a node by cores; cons_tres schedules GPUs
-``AccountingStorageType=accounting_storage/none``,        no slurmdbd: job ends are recorded by the flow
-``JobAcctGatherType=jobacct_gather/none``                 the first time it sees them (see :mod:`.jobs`)
-``MpiDefault=none``, ``MailProg=/bin/true``               no MPI plugin, no mail
-``ReturnToService=2``                                     a DOWN node whose slurmd registers again is usable
-``SchedulerType=sched/backfill``                          Slurm's default scheduler
-``KillWait=5``                                            a cancelled job's processes go within 5 s, not 30
-``MinJobAge=300`` (``min_job_age``)                        finished jobs are kept 5 min for squeue; the flow
-                                                          no longer depends on it (tests use 2 s)
-``SlurmdTimeout=60``                                      a node whose slurmd stops answering is DOWN in 1 min
-``TreeWidth=65533``                                       slurmctld talks to every cloud node directly
-                                                          (nodes cannot resolve each other to forward)
-``PrivateData=cloud``                                     powered-down cloud nodes stay visible in sinfo
-``ResumeProgram``, ``SuspendProgram``,                    ``<dir>/bin/*``: ``slipstream slurm resume|
-``ResumeFailProgram``                                     suspend|resume-fail`` with the cluster's env
-``SuspendTime=300`` (``suspend_time``)                     idle seconds before a node's VM is deleted
-``SuspendTimeout=30`` (``suspend_timeout``)                seconds a VM delete may take before the node
-                                                          may be resumed again
-``ResumeTimeout=300`` (``resume_timeout``)                 seconds to boot and register; then resume-fail,
-                                                          which backs the node off and gives it up after
-                                                          ``max_resume_attempts`` (3) failures
-``ResumeRate=0``, ``SuspendRate=0``                       no rate limit: all nodes of a cycle come in one
-                                                          call, created in one batch (split by quota)
-``SlurmctldParameters=idle_on_node_suspend``              a powered-down node is usable again, also after
-                                                          a failure (slipstream's own count stops loops)
-``NodeName=… CPUs RealMemory State=CLOUD``                the flavour's vCPUs and RAM; VMs on demand
-``Gres=gpu:<n>``, ``GresTypes=gpu`` + ``gres.conf``       GPU flavours only: one GPU (vGPU slice or A100)
-                                                          per VM, so ``--gres=gpu:1`` is schedulable
-``NodeAddr=127.0.0.1`` (local cloud)                      before a node's first resume: nothing listens,
-                                                          a message to it fails at once (no DNS stall)
-``PartitionName=cloud Default=YES MaxTime=INFINITE``      one partition of every node; time is bounded
-                                                          by the flow's ``max_hours``
-``CommunicationParameters=NoCtldInAddrAny,NoInAddrAny``   local cloud: each daemon binds only its VM's
-                                                          127.x address
-``AuthInfo=socket=<dir>/munge/munge.socket``              local cloud: the workers share the head's munged
-``SlurmdParameters=config_overrides``                     local cloud: slurmd reports the flavour's CPUs
-                                                          and memory, not this host's
-========================================================  ==============================================
+====================================================  =================================================
+setting                                               why this value
+====================================================  =================================================
+``ClusterName=<name>``                                the cluster's name; nodes are ``<name>-<i>``
+``SlurmctldHost=<head address>``                      the head VM runs slurmctld (real clouds:
+                                                      ``<name>-head(<address>)``)
+``SlurmctldPort=6817``; node ``Port=6818+i-1``        Slurm's defaults; local-cloud slurmds share one
+                                                      host, so each node gets a port of its own
+``SlurmUser=root``, ``SlurmdUser=root``               the daemons run as whoever runs the VMs
+``AuthType=auth/munge``, ``CredType=cred/munge``      munge, Slurm's standard authentication
+``StateSaveLocation``, ``SlurmdSpoolDir``, pid/log    inside the cluster's directory: nothing in /etc or
+files                                                 /var, deleted with the cluster (logs kept first)
+``ProctrackType=proctrack/linuxproc``                 no cgroups needed: a local VM is a process group
+``TaskPlugin=task/none``                              the same: no cgroup or affinity binding
+``SelectType=select/cons_tres``, ``CR_Core``          jobs share a node by cores; cons_tres schedules GPUs
+``AccountingStorageType=accounting_storage/none``     no slurmdbd: the flow records each job's end the
+                                                      first time it sees it (see :mod:`.jobs`)
+``JobAcctGatherType=jobacct_gather/none``             no accounting to gather for
+``MpiDefault=none``, ``MailProg=/bin/true``           no MPI plugin, no mail
+``ReturnToService=2``                                 a DOWN node whose slurmd registers is usable again
+``SchedulerType=sched/backfill``                      Slurm's default scheduler
+``KillWait=5``                                        a cancelled job's processes go within 5 s, not 30,
+                                                      before the flow deletes the VMs
+``MinJobAge=300`` (``min_job_age``)                   finished jobs stay in squeue 5 min; the flow no
+                                                      longer depends on it (tests compress it to 2 s)
+``SlurmdTimeout=60``                                  a node whose slurmd stops answering is DOWN in 1 min
+``TreeWidth=65533``                                   slurmctld talks to every node directly: cloud nodes
+                                                      cannot resolve each other to forward messages
+``PrivateData=cloud``                                 powered-down cloud nodes stay visible in sinfo
+``ResumeProgram``, ``SuspendProgram``,                ``<dir>/bin/*`` = ``slipstream slurm resume |
+``ResumeFailProgram``                                 suspend | resume-fail`` with the cluster's env
+``SuspendTime=300`` (``suspend_time``)                idle seconds before a node's VM is deleted
+``SuspendTimeout=30`` (``suspend_timeout``)           seconds a VM delete may take before the node may be
+                                                      resumed again
+``ResumeTimeout=300`` (``resume_timeout``)            seconds to boot and register; then resume-fail,
+                                                      back-off (60 s doubling), drained after 3 failures
+``ResumeRate=0``, ``SuspendRate=0``                   no rate limit: the nodes of a cycle come in one
+                                                      call, created in one batch (split by the quota)
+``SlurmctldParameters=idle_on_node_suspend``          a powered-down node is usable again, also after a
+                                                      failure; slipstream's own count stops boot loops
+``NodeName=… CPUs RealMemory State=CLOUD``            the flavour's vCPUs and RAM; VMs made on demand
+``GresTypes=gpu``, ``Gres=gpu:<n>``, ``gres.conf``    GPU flavours only: each VM sees one GPU (vGPU slice
+                                                      or A100), so ``--gres=gpu:1`` is schedulable
+``NodeAddr=127.0.0.1`` (local cloud)                  before a node's first resume nothing listens there:
+                                                      a message to it fails at once (no DNS stall)
+``PartitionName=cloud Default=YES MaxTime=INFINITE``  one partition of every node; time is bounded by the
+                                                      flow's ``max_hours``
+``CommunicationParameters=NoCtldInAddrAny,            local cloud: each daemon binds only its VM's 127.x
+NoInAddrAny``                                         address
+``AuthInfo=socket=<dir>/munge/munge.socket``          local cloud: the workers share the head's munged
+``SlurmdParameters=config_overrides``                 local cloud: slurmd reports the flavour's CPUs and
+                                                      memory, not this host's
+====================================================  =================================================
 """
 
 from __future__ import annotations

@@ -112,10 +112,12 @@ def test_at_the_deadline_running_jobs_are_cancelled_and_what_they_wrote_comes_ba
 
     endless = _script(homes / "endless.sh", "echo started > progress.txt\necho first line\n"
                                             "while true; do sleep 1; done\n")
+    quick = _script(homes / "quick.sh", "echo done > progress.txt\n")
     with pytest.raises(WaitTimeout, match="jobs still running after 72 s") as err:
-        slurm_cluster(scripts=[endless], name="dl", max_nodes=1, resume_timeout=60, max_hours=0.02,
+        slurm_cluster(scripts=[endless, quick], name="dl", max_nodes=2, resume_timeout=60, max_hours=0.02,
                       outputs=["progress.txt"], results_dir=str(homes / "results"))
     (run_dir,) = (homes / "results").iterdir()
+    assert (run_dir / "quick" / "progress.txt").read_text().strip() == "done"  # brought back as it ended
     assert (run_dir / "endless" / "progress.txt").read_text().strip() == "started"
     assert (run_dir / "endless" / "endless.out").read_text().startswith("first line")
     assert (run_dir / "cluster-logs" / "slurmctld.log").exists()

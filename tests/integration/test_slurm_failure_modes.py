@@ -100,3 +100,33 @@ def test_a_gpu_flavour_node_runs_a_job_that_asks_for_a_gpu(local_cloud, homes): 
         (done,) = cluster.wait_for_jobs([job], timeout=90)
         assert done.state == "COMPLETED"
         assert (homes / "gpu.out").read_text().strip() == "gpus: 1"
+
+
+def test_the_wait_survives_a_slurmctld_that_stops_answering_for_a_while(local_cloud, homes, caplog):  # noqa: F811
+    import os
+    import signal
+    import threading
+
+    directory = homes / "cluster"
+    with elastic_cluster(local_cloud, homes, "st", max_nodes=1, suspend_time=300) as (cluster, _):
+        job = cluster.slurm.sbatch(_job(homes / "job.sh", "echo ok\n"), output=homes / "out.txt")
+        (ctld,) = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).startswith(
+            "slurmctld -D -f " + str(directory))]
+        os.kill(ctld, signal.SIGSTOP)  # squeue now times out (MessageTimeout=10 s) instead of answering
+        resume = threading.Timer(25, os.kill, (ctld, signal.SIGCONT))
+        resume.start()
+        try:
+            with caplog.at_level("WARNING", logger="slipstream.slurm.cluster"):
+                (done,) = cluster.wait_for_jobs([job], timeout=150, poll=0.5)
+        finally:
+            resume.cancel()
+            os.kill(ctld, signal.SIGCONT)
+        assert done.state == "COMPLETED"
+        assert "slurmctld did not answer" in caplog.text
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
