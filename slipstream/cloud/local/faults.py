@@ -10,12 +10,14 @@ may raise :class:`~slipstream.cloud.errors.TransientError`:
   ``Random(f"{seed}:{operation}:{n}")``, n counted in the database: the same sequence of calls
   fails at the same places in every run, whichever processes make them.
 
+A slow API (``call_delays``) makes a call wait before doing anything.
 Boot-time faults (extra delay, forced ERROR, no capacity) are applied where servers are created.
 """
 
 from __future__ import annotations
 
 import random
+import time
 
 from slipstream.cloud.errors import TransientError
 from slipstream.cloud.local.options import FaultOptions, check_operation
@@ -43,7 +45,9 @@ class FaultInjector:
         return int(row["fail_next"]) if row else 0
 
     def before(self, operation: str, faults: FaultOptions) -> None:
-        """Raise TransientError if ``operation`` is to fail now."""
+        """Wait the operation's injected delay, then raise TransientError if it is to fail now."""
+        if faults.call_delays.get(operation):
+            time.sleep(float(faults.call_delays[operation]))
         if self.pending(operation) > 0:  # cheap read first: a write lock only when needed
             with self.store.write() as con:
                 hit = con.execute(

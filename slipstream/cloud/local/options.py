@@ -91,6 +91,8 @@ class FaultOptions:
       made and fail Nova's second check (``[quota] recheck_quota``), as when another request took
       the cores in between: the call succeeds, and every server of the batch goes to ERROR with
       Nova's "Quota exceeded for cores" fault.
+    - ``call_delays``: operation -> seconds each call takes before doing anything (a slow API),
+      e.g. a create call still in flight when the run is cancelled.
     """
 
     error_rates: dict[str, float] = field(default_factory=dict)
@@ -100,6 +102,7 @@ class FaultOptions:
     error_flavors: tuple[str, ...] = ()
     no_capacity: tuple[str, ...] = ()
     quota_recheck: tuple[str, ...] = ()
+    call_delays: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for op, rate in self.error_rates.items():
@@ -112,6 +115,10 @@ class FaultOptions:
                 raise InvalidRequest(f"fail_next for {op} must be a whole number >= 0, got {count!r}")
         if self.extra_boot_delay < 0:
             raise InvalidRequest(f"extra_boot_delay must be >= 0, got {self.extra_boot_delay!r}")
+        for op, delay in self.call_delays.items():
+            check_operation(op)
+            if not float(delay) >= 0:
+                raise InvalidRequest(f"call delay for {op} must be >= 0 seconds, got {delay!r}")
 
     def rate_for(self, operation: str) -> float:
         return float(self.error_rates.get(operation, self.error_rates.get("*", 0.0)))
@@ -200,6 +207,7 @@ class LocalCloudOptions:
                 error_flavors=tuple(faults.get("error_flavors") or ()),
                 no_capacity=tuple(faults.get("no_capacity") or ()),
                 quota_recheck=tuple(faults.get("quota_recheck") or ()),
+                call_delays=dict(faults.get("call_delays") or {}),
             ),
             ssh_port=data.get("ssh_port"),
             network=data.get("network", "127.64.0.0/16"),

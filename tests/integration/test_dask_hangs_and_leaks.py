@@ -1,0 +1,131 @@
+"""CloudDaskCluster against a cloud that refuses, dawdles or kills: real Dask workers on LocalCloud
+VMs. A quota of 0 must fail the run with the cloud's words instead of hanging; the health check
+must run under ``scale()`` alone; closing while create calls are in flight must leave no VM."""
+
+from __future__ import annotations
+
+import time
+
+import distributed
+import pytest
+
+from slipstream.cloud.local import LocalCloud, LocalCloudOptions
+from slipstream.cloud.local.options import FaultOptions
+from slipstream.dask_cluster import CloudDaskCluster
+from slipstream.dask_workers import MAX_BROKEN_IN_A_ROW, NoWorkerVMs
+from slipstream.jetstream2 import Quotas
+from tests.support import wait_until
+
+FAST = {"batch_size": 1, "cooldown_seconds": 1.0, "boot_seconds": 0.0, "flavor": "m3.small"}
+
+
+def joined(cluster) -> list[str]:
+    return sorted(w["name"] for w in cluster.scheduler_info["workers"].values())
+
+
+def own_cloud(tmp_path, network: str, **options) -> LocalCloud:
+    return LocalCloud(options=LocalCloudOptions(home=tmp_path / "lc", boot_delay=0.2, stop_grace=1.0,
+                                                network=network, **options))
+
+
+@pytest.mark.parametrize("sizing", ["adapt", "scale"])
+def test_a_quota_of_zero_fails_the_waiting_work_with_the_clouds_words_instead_of_hanging(tmp_path, sizing):
+    cloud = own_cloud(tmp_path, "127.64.253.0/24",
+                      quotas=Quotas(instances=0, cores=150, ram_mb=600_000, floating_ips=10))
+    try:
+        with CloudDaskCluster(cloud, image="slipstream-noop", scaling={**FAST, "max_workers": 2},
+                              give_up_seconds=2.0) as cluster:
+            if sizing == "adapt":
+                cluster.adapt(minimum=0, maximum=2, interval="0.2s")
+            else:
+                cluster.scale(2)
+            started = time.monotonic()
+            with distributed.Client(cluster) as client:
+                future = client.submit(lambda: 1)
+                with pytest.raises(NoWorkerVMs) as failed:
+                    future.result(timeout=60)  # before: waited for ever (here: TimeoutError)
+            assert time.monotonic() - started < 30
+            message = str(failed.value)
+            assert "no Dask worker VM could be created" in message and "uota" in message  # the cloud's words
+            assert "give_up_seconds" in message  # and what to change
+            assert cluster.launched == [] and not cloud.list_servers(run_id=cluster.run_id)
+        assert cluster.teardown_proof.clean
+    finally:
+        cloud.reset()
+
+
+def test_under_scale_alone_a_worker_vm_that_stops_by_itself_is_deleted_and_replaced(local_cloud):
+    # Before: the health check ran only inside adapt(); under scale() a SHUTOFF VM (50 % of its
+    # SUs) was kept until the cluster closed, and the computation lost its worker.
+    with CloudDaskCluster(local_cloud, image="slipstream-noop", scaling={**FAST, "max_workers": 1},
+                          cloud_check_seconds=0.3) as cluster:
+        cluster.scale(1)
+        wait_until(lambda: len(joined(cluster)) == 1, timeout=60, what="the worker joined")
+        (victim,) = local_cloud.list_servers(run_id=cluster.run_id)
+        local_cloud.stop_server(victim.id)
+        wait_until(lambda: victim.id not in {s.id for s in local_cloud.list_servers(run_id=cluster.run_id)},
+                   timeout=30, what="the stopped VM deleted")
+        wait_until(lambda: len(joined(cluster)) == 1 and victim.name not in joined(cluster), timeout=60,
+                   what="a replacement joined")
+        with distributed.Client(cluster) as client:
+            assert client.submit(lambda: 7).result(timeout=60) == 7
+    assert cluster.teardown_proof.clean
+
+
+def test_closing_while_create_calls_are_in_flight_leaves_no_vm_behind(tmp_path):
+    # Create calls take 2 s. Before: adapt() kept launching while the close waited for the first
+    # call, and VMs whose create returned after the teardown were never deleted (the closed
+    # cluster's event loop never ran again), billing until the lease expired.
+    cloud = own_cloud(tmp_path, "127.64.254.0/24", faults=FaultOptions(call_delays={"create_servers": 2.0}))
+    try:
+        cluster = CloudDaskCluster(cloud, image="slipstream-noop", scaling={**FAST, "max_workers": 3})
+        cluster.adapt(minimum=0, maximum=3, interval="0.1s")
+        with distributed.Client(cluster) as client:
+            futures = client.map(lambda i: time.sleep(30) or i, range(6), pure=False)  # noqa: F841 - demand
+            pending = lambda: [e for e in cluster.lease.ledger.entries(cluster.run_id) if e.state == "pending"]  # noqa: E731
+            wait_until(pending, timeout=15, what="a create call in flight")
+            closing_at = time.time()
+            cluster.close()
+        wait_until(lambda: not pending(), timeout=30, what="every create call returned")
+        wait_until(lambda: not cloud.list_servers(run_id=cluster.run_id), timeout=15,
+                   what="the VMs created after the close deleted")
+        asked_after = [e.name for e in cluster.lease.ledger.entries(cluster.run_id)
+                       if e.recorded_at.timestamp() > closing_at]
+        assert not asked_after, f"VMs asked for while the cluster was closing: {asked_after}"
+        assert cluster.teardown_proof is not None
+    finally:
+        cloud.reset()
+
+
+def test_workers_that_never_join_are_not_recreated_for_ever_and_the_work_fails(local_cloud):
+    # A broken image: the VM boots, its Dask worker never starts. Before: the health check deleted
+    # it after its boot deadline and the policy created another, for ever, each charged until its
+    # deadline, while the computation waited.
+    with CloudDaskCluster(local_cloud, image="slipstream-noop", scaling={**FAST, "max_workers": 1},
+                          boot_timeout=1.0, cloud_check_seconds=0.2) as cluster:
+        cluster.vms.pool.user_data = "#!/bin/sh\nexec sleep 300\n"  # what a broken image amounts to
+        cluster.adapt(minimum=0, maximum=1, interval="0.2s")
+        with distributed.Client(cluster) as client:
+            with pytest.raises(NoWorkerVMs) as failed:
+                client.submit(lambda: 1).result(timeout=90)
+        assert "in a row were broken" in str(failed.value) and "never" not in str(failed.value).split("said:")[0]
+        assert "had not joined" in str(failed.value)
+        assert len(cluster.launched) == MAX_BROKEN_IN_A_ROW
+        assert not local_cloud.list_servers(run_id=cluster.run_id)
+    assert cluster.teardown_proof.clean
+
+
+def test_a_worker_whose_shelve_keeps_failing_is_deleted_not_left_billing(local_cloud):
+    # A 5xx burst on shelve outlasts the retries. Before: the release raised, and the VM (out of
+    # the cluster's spec, not parked) stayed ACTIVE, at full price, until the cluster closed.
+    scaling = {**FAST, "max_workers": 1, "idle": {"action": "shelve"}}
+    with CloudDaskCluster(local_cloud, image="slipstream-noop", scaling=scaling) as cluster:
+        cluster.adapt(minimum=0, maximum=1, interval="0.2s")
+        cluster.vms.next_work_in = lambda: 60.0  # work expected back soon: the idle policy shelves
+        local_cloud.fail_next("shelve_server", 20)
+        with distributed.Client(cluster) as client:
+            assert client.submit(lambda: 1).result(timeout=60) == 1
+        wait_until(lambda: not local_cloud.list_servers(run_id=cluster.run_id), timeout=30,
+                   what="the worker whose shelve failed deleted")
+        assert not cluster.vms.pool.parked()
+    assert cluster.teardown_proof.clean
