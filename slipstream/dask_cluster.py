@@ -249,6 +249,11 @@ class CloudDaskCluster(SpecCluster):
             raise InvalidRequest(f"contact_address {contact_address!r} is not a TLS address", resource="CloudDaskCluster",
                                  hint="The scheduler speaks TLS only: give 'tls://host:port' or just 'host:port'.")
         self.config = _as_config(scaling)
+        for knob, value in (("boot_timeout", boot_timeout), ("cloud_check_seconds", cloud_check_seconds),
+                            ("give_up_seconds", give_up_seconds)):
+            if not value > 0:
+                raise InvalidRequest(f"{knob} must be a positive number of seconds, got {value!r}",
+                                     resource="CloudDaskCluster", hint=f"Give {knob} > 0 (see the class docstring).")
         images = {i.name for i in cloud.list_images()}
         if image not in images:
             raise InvalidRequest(f"image {image!r} is not on {cloud.name}", resource="CloudDaskCluster",
