@@ -265,6 +265,7 @@ class CloudDaskCluster(SpecCluster):
         self.cloud_check_seconds = cloud_check_seconds
         self.repairs: list[tuple[str, WorkerAction]] = []  # what the health check did (dask_watch)
         self._watch: asyncio.Task | None = None
+        self.settle_seconds = 120.0  # how long closing waits for create calls in flight before the teardown
         # Unique per cluster, not only per run: two clusters of one run never share a worker name.
         run = re.sub(r"[^a-z0-9]", "", self.owner.run_id.lower())[:8] or "pool"
         prefix = f"dask-{run}-{secrets.token_hex(3)}"
@@ -369,11 +370,15 @@ class CloudDaskCluster(SpecCluster):
                 self._adaptive.stop()
             if self._watch is not None:
                 await asyncio.wait([self._watch], timeout=30)
-            await self.vms.settle(timeout=120)  # a create call in flight must not outlive the teardown
+            await self.vms.settle(timeout=self.settle_seconds)  # a create call in flight must not outlive the teardown
             await super()._close()
         finally:
             if self.teardown_proof is None:
                 self.teardown_proof = await asyncio.to_thread(self.lease.teardown)
+                if in_flight := self.vms.in_flight():  # the listing cannot see them yet: say so, never "clean"
+                    self.teardown_proof.remaining.setdefault("server", []).extend(
+                        f"{name} (create call still in flight; it deletes what it makes when it returns)"
+                        for name in in_flight)
 
     # what the run held -------------------------------------------------------------------------
     @property

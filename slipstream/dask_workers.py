@@ -306,6 +306,12 @@ class WorkerVMs:
         while (pending := [f for f in self._launches.values() if not f.done()]) and time.monotonic() < deadline:
             await asyncio.wait(pending, timeout=deadline - time.monotonic())
 
+    def in_flight(self) -> list[str]:
+        """Names of the workers whose create call has not returned yet."""
+        batches = {b.name: b for b in self.batch_of.values()}  # unparks in flight are no creates: skipped
+        return [n for key, f in self._launches.items() if not f.done() and key in batches and key not in self.unparking
+                for n in batches[key].names]
+
     # letting go ------------------------------------------------------------------------------
     async def let_go(self, name: str) -> None:
         """Release ``name``'s VM: delete it if its worker never joined (nothing installed worth

@@ -129,3 +129,40 @@ def test_a_worker_whose_shelve_keeps_failing_is_deleted_not_left_billing(local_c
                    what="the worker whose shelve failed deleted")
         assert not cluster.vms.pool.parked()
     assert cluster.teardown_proof.clean
+
+
+def test_a_worker_cancelled_while_its_create_call_is_pending_is_deleted_when_the_call_returns(tmp_path):
+    cloud = own_cloud(tmp_path, "127.64.250.0/24", faults=FaultOptions(call_delays={"create_servers": 1.5}))
+    try:
+        with CloudDaskCluster(cloud, image="slipstream-noop", scaling={**FAST, "max_workers": 1}) as cluster:
+            pending = lambda: [e for e in cluster.lease.ledger.entries(cluster.run_id) if e.state == "pending"]  # noqa: E731
+            cluster.scale(1)
+            wait_until(pending, timeout=15, what="the create call in flight")
+            cluster.scale(0)  # demand gone before the cloud answered
+            wait_until(lambda: not pending(), timeout=15, what="the create call returned")
+            wait_until(lambda: not cloud.list_servers(run_id=cluster.run_id), timeout=15,
+                       what="the VM made for a cancelled worker deleted")
+            assert cluster.launched and not cluster.worker_spec
+        assert cluster.teardown_proof.clean
+    finally:
+        cloud.reset()
+
+
+def test_a_teardown_proof_is_never_clean_while_a_create_call_is_still_in_flight(tmp_path):
+    # Before: closing waited a while for create calls, then the listing (which cannot see a VM the
+    # cloud has not made yet) was reported as a clean teardown, and the VM appeared afterwards.
+    cloud = own_cloud(tmp_path, "127.64.249.0/24", faults=FaultOptions(call_delays={"create_servers": 3.0}))
+    try:
+        cluster = CloudDaskCluster(cloud, image="slipstream-noop", scaling={**FAST, "max_workers": 1})
+        cluster.settle_seconds = 0.5  # a create call slower than the close is willing to wait
+        pending = lambda: [e for e in cluster.lease.ledger.entries(cluster.run_id) if e.state == "pending"]  # noqa: E731
+        cluster.scale(1)
+        (entry,) = wait_until(pending, timeout=15, what="the create call in flight")
+        cluster.close()
+        assert not cluster.teardown_proof.clean
+        assert any(entry.name in left for left in cluster.teardown_proof.remaining["server"])
+        wait_until(lambda: not pending(), timeout=15, what="the create call returned")
+        wait_until(lambda: not cloud.list_servers(run_id=cluster.run_id), timeout=15,
+                   what="the VM made after the teardown deleted by its create call")
+    finally:
+        cloud.reset()
