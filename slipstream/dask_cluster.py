@@ -197,6 +197,9 @@ class PolicyAdaptive(Adaptive):
             decision = replace(decision, launch=0, unpark=(),
                                target=decision.target - decision.launch - len(decision.unpark),
                                reason=f"{decision.reason}; backing off after: {self.cluster.vms.error}")
+        if decision.launch and self.cluster.vms.in_flight():  # its answer may be a quota refusal: wait for it
+            decision = replace(decision, launch=0, target=decision.target - decision.launch,
+                               reason=f"{decision.reason}; waiting for the create call in flight")
         self.decision = decision
         if decision.launch or decision.unpark or decision.release or decision.cancel:
             self.decisions.append(decision)

@@ -10,7 +10,8 @@ it runs, whether it is sized by ``adapt()`` or by ``scale()`` alone:
   policy's ``max_parked_seconds`` are deleted.
   A VM deleted as broken (ERROR, or up and never joined) counts towards
   :data:`~slipstream.dask_workers.MAX_BROKEN_IN_A_ROW`, after which no VM is created any more.
-- the **give-up**: when no worker VM could be created for ``give_up_seconds`` (every create
+- the **give-up**: when no worker VM could be created for ``give_up_seconds`` since the pool
+  last had a worker (every create
   refused: a quota of 0, no capacity for the flavour), or too many workers in a row were broken,
   and no worker is up or booting, the tasks waiting for a worker fail with
   :class:`~slipstream.dask_workers.NoWorkerVMs`, which carries the cloud's words, instead of
@@ -42,6 +43,8 @@ async def watch(cluster: CloudDaskCluster) -> None:
     last_check = -float("inf")
     while not cluster.vms.closing:
         try:
+            if cluster.scheduler.workers or _booting(cluster):
+                cluster.vms.had_worker_at = time.monotonic()
             fail_tasks_nobody_can_run(cluster)
             if time.monotonic() - last_check >= cluster.cloud_check_seconds:
                 last_check = time.monotonic()
@@ -87,15 +90,22 @@ async def check_vms(cluster: CloudDaskCluster) -> None:
         cluster.loop.add_callback(cluster._correct_state)  # closes the dropped workers, starts replacements
 
 
+def _booting(cluster: CloudDaskCluster) -> bool:
+    parked = set(cluster.vms.pool.parked())
+    return any(n not in parked for n in list(cluster.vms.pool.servers))
+
+
 def fail_tasks_nobody_can_run(cluster: CloudDaskCluster) -> None:
     """The give-up of the module docstring (no cloud call: cheap to run every tick)."""
     vms, s = cluster.vms, cluster.scheduler
     since = vms.failing_since() if not vms.gave_up else vms.failures[-1].at
-    if since is None or s.workers or (not vms.gave_up and time.monotonic() - since < vms.give_up_seconds):
+    if since is None or s.workers or _booting(cluster):
+        return  # a worker is up, or a VM exists and may still join
+    # Counted from when the pool last had a worker: refusals while our own workers held the
+    # quota say nothing about whether one fits now that they are gone.
+    since = max(since, vms.had_worker_at)
+    if vms.failures[-1].at < since or (not vms.gave_up and time.monotonic() - since < vms.give_up_seconds):
         return
-    parked = set(vms.pool.parked())
-    if any(n not in parked for n in list(vms.pool.servers)):
-        return  # a worker VM exists and may still join
     waiting = [*s.queued, *s.unrunnable]
     if not waiting:
         return

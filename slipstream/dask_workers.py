@@ -200,6 +200,7 @@ class WorkerVMs:
     failures: list[LaunchFailure] = field(default_factory=list)
     last_success: float = 0.0
     broken_in_a_row: int = 0  # workers whose VM was deleted as broken since a worker last joined
+    had_worker_at: float = 0.0  # when a worker was last up or booting (the give-up counts from then)
     _launches: dict[str, asyncio.Future] = field(default_factory=dict)
     _cancelled: set[str] = field(default_factory=set)
     _releasing: set[str] = field(default_factory=set)
@@ -279,9 +280,12 @@ class WorkerVMs:
         """In a worker thread: create the batch, then delete at once what was released, or the
         whole batch if the cluster closed, while the call was in flight. Done here, not back on
         the event loop: a closed cluster's loop may never run again, and its VMs would bill on."""
+        asked_at = time.monotonic()
         self.pool.launch(batch)
         with self._lock:
-            self.last_success = time.monotonic()
+            # When it was asked, not when it returned: a create that was already in flight when
+            # another was refused says nothing about the quota since, and must not end the backoff.
+            self.last_success = max(self.last_success, asked_at)
             self.created += batch.names
             gone = [n for n in batch.names if n in self._cancelled or self.closing]
         for name in gone:

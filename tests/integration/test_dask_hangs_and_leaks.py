@@ -166,3 +166,27 @@ def test_a_teardown_proof_is_never_clean_while_a_create_call_is_still_in_flight(
                    what="the VM made after the teardown deleted by its create call")
     finally:
         cloud.reset()
+
+
+def test_refusals_while_our_own_worker_held_the_quota_do_not_fail_the_next_burst(tmp_path):
+    # Room for one instance: the first burst wants two workers, the second create is refused.
+    # Once our worker is released the quota is free again: the next burst must get a worker, not
+    # a NoWorkerVMs for refusals that happened while that worker held the quota.
+    cloud = own_cloud(tmp_path, "127.64.248.0/24", quotas=Quotas(instances=1, cores=150, ram_mb=600_000, floating_ips=10))
+    try:
+        with CloudDaskCluster(cloud, image="slipstream-noop", scaling={**FAST, "max_workers": 2},
+                              give_up_seconds=2.0) as cluster:
+            cluster.adapt(minimum=0, maximum=2, interval="0.2s")
+            with distributed.Client(cluster) as client:
+                burst = client.map(lambda i: time.sleep(1.5) or i, range(4), pure=False)
+                wait_until(lambda: cluster.vms.failures, timeout=60, what="the second worker refused for quota")
+                assert sum(client.gather(burst)) == 6
+                del burst  # results no longer wanted: the idle worker may go
+                wait_until(lambda: time.monotonic() - cluster.vms.failures[0].at > 3.0, timeout=10,
+                           what="the refusals older than give_up_seconds")
+                wait_until(lambda: not cloud.list_servers(run_id=cluster.run_id), timeout=30,
+                           what="the idle worker released")
+                assert client.submit(lambda: 5).result(timeout=60) == 5
+        assert cluster.teardown_proof.clean
+    finally:
+        cloud.reset()
