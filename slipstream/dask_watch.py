@@ -112,11 +112,11 @@ def fail_tasks_nobody_can_run(cluster: CloudDaskCluster) -> None:
     if vms.gave_up:
         error = NoWorkerVMs(
             f"no Dask worker could be started: {vms.broken_in_a_row} worker VMs in a row were broken, "
-            f"the last one said: {vms.failures[-1].error}. Fix the image or worker_packages and run again")
+            f"the last one said: {vms.failures[-1].error.rstrip('.')}. Fix the image or worker_packages and run again")
     else:
         error = NoWorkerVMs(
             f"no Dask worker VM could be created for {time.monotonic() - since:.0f} s "
-            f"({len(vms.failures)} attempts); the cloud said: {vms.failures[-1].error}. Free quota or capacity in "
+            f"({len(vms.failures)} attempts); the cloud said: {vms.failures[-1].error.rstrip('.')}. Free quota or capacity in "
             "the project (or choose a smaller flavour, or fewer workers) and run again; "
             "CloudDaskCluster(give_up_seconds=...) sets how long to keep trying")
     log.error("failing %d waiting task(s): %s", len(waiting), error)
