@@ -167,6 +167,7 @@ def dask_pipeline(
     override_budget: bool = False,
     budget_check_seconds: float = 60.0,
     progress_seconds: float = 15.0,
+    give_up_seconds: float = 600.0,
 ) -> DaskPipelineResult:
     """Mean and standard deviation of a ``rows`` × ``cols`` normal array on elastic Dask workers.
 
@@ -193,6 +194,8 @@ def dask_pipeline(
         override_budget: run even if the worst case is over the budget or the balance.
         budget_check_seconds: how often the budget watchdog meters the workers.
         progress_seconds: how often a progress line (workers booting/joined, tasks done) is logged.
+        give_up_seconds: when no worker VM could be created for this long (a quota of 0, no
+            capacity) the run fails with the cloud's words instead of waiting (and tears down).
     """
     logger = get_run_logger()
     provider = load_cloud(cloud)
@@ -210,7 +213,7 @@ def dask_pipeline(
     runner = CloudDaskTaskRunner(
         cluster_kwargs={"cloud": provider, "run_id": owner.run_id, "pipeline": pipeline, "image": image,
                         "scaling": scaling, "scheduler_host": scheduler_host, "lease_hours": lease_time / timedelta(hours=1),
-                        "on_event": resource_event_emitter(owner, provider.name)},
+                        "give_up_seconds": give_up_seconds, "on_event": resource_event_emitter(owner, provider.name)},
         adapt_kwargs={"minimum": 0, "maximum": max_workers, "interval": "0.5s"},
     )
     try:

@@ -38,6 +38,10 @@ at once; a VM that shut itself off, failed, or whose worker never joined is dele
 replaced; a parked one is deleted after ``max_parked_seconds``. A create call refused for quota
 or capacity backs off (5 s doubling to 5 min), is logged and shown in
 :attr:`CloudDaskCluster.scaling_error`; the workers it could not create are forgotten.
+The health check runs by itself, under ``adapt()`` or ``scale()`` (:mod:`slipstream.dask_watch`),
+and nothing waits for ever: when no worker VM could be created for ``give_up_seconds``, or
+workers keep coming up broken, the tasks waiting for one fail with
+:class:`~slipstream.dask_workers.NoWorkerVMs`.
 
 Worker names are ``dask-<run>-<cluster>-b<batch>[-<i>]``: unique per cluster, so two clusters of
 one run never share one.
@@ -74,6 +78,7 @@ from slipstream.cloud import open_cloud
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Ownership
 from slipstream.cloud.port import CloudProvider
+from slipstream.dask_watch import watch
 from slipstream.dask_workers import DEFAULT_WORKER_PACKAGES, ClusterTLS, JoinedNames, WorkerVMs, worker_user_data
 from slipstream.jetstream2 import DEFAULT_IMAGE
 from slipstream.ownership.lease import EventCallback, Lease, TeardownProof
@@ -88,7 +93,7 @@ from slipstream.scaling.policy import (
     WorkerPhase,
     WorkerView,
 )
-from slipstream.scaling.pool import WORKER_TABLE, Link, VmState, WorkerAction, WorkerObservation, WorkerPool, vm_state
+from slipstream.scaling.pool import WorkerAction, WorkerPool
 
 __all__ = ["DEFAULT_WORKER_PACKAGES", "CloudDaskCluster", "PolicyAdaptive", "worker_user_data"]
 
@@ -137,55 +142,22 @@ class CloudWorker(ProcessInterface):
 class PolicyAdaptive(Adaptive):
     """``Adaptive`` driven by :class:`ScalingPolicy` instead of Dask's own target and wait count."""
 
-    def __init__(self, cluster: CloudDaskCluster, policy: ScalingPolicy, cloud_check_seconds: float = 10.0,
+    def __init__(self, cluster: CloudDaskCluster, policy: ScalingPolicy, cloud_check_seconds: float | None = None,
                  **kwargs: Any) -> None:
         self.policy = policy
         self.forecast = ArrivalForecast()
         self.idle_since: dict[str, float] = {}
         self.decision: ScalingDecision | None = None
         self.decisions: list[ScalingDecision] = []
-        self.repairs: list[tuple[str, WorkerAction]] = []
-        self.cloud_check_seconds = cloud_check_seconds
-        self._last_check = -math.inf
+        if cloud_check_seconds is not None:  # the cluster's health check runs that often from now on
+            cluster.cloud_check_seconds = cloud_check_seconds
         cluster.vms.next_work_in = lambda: self.forecast.next_work_in(time.monotonic())
         super().__init__(cluster, wait_count=1, **kwargs)
 
-    async def adapt(self) -> None:
-        await self.check_vms()
-        await super().adapt()
-
-    async def check_vms(self) -> None:
-        """Every ``cloud_check_seconds``, look at the workers' VMs (one list call) and apply
-        :data:`~slipstream.scaling.pool.WORKER_TABLE`: a VM in ERROR, deleted behind our back,
-        stopped by itself (SHUTOFF still costs 50 %), or up without its worker joining long after
-        its boot deadline (counted from when it was last asked for: created or unparked) is
-        dropped and deleted, so the policy can replace it. Workers parked past the idle policy's
-        ``max_parked_seconds`` are deleted."""
-        now = time.monotonic()
-        if now - self._last_check < self.cloud_check_seconds:
-            return
-        self._last_check = now
-        pool, vms = self.cluster.vms.pool, self.cluster.vms
-        seen = await asyncio.to_thread(pool.observe_all)
-        joined = {ws.name for ws in self.cluster.scheduler.workers.values()}
-        parked = set(pool.parked())
-        late_after = vms.boot_timeout + self.policy.config.boot_seconds
-        for name in [n for n in pool.servers if n in self.cluster.worker_spec or n in parked]:
-            since = vms.requested_at.get(name, now)
-            link = Link.JOINED if name in joined else Link.LATE if now - since > late_after else Link.NOT_YET
-            state = vm_state(seen.get(name), parked=name in parked)
-            if state == VmState.STOPPED and name in vms.unparking and link == Link.NOT_YET:
-                state = VmState.BOOTING  # still SHELVED/SHUTOFF just after the unpark call: give it its deadline
-            action = WORKER_TABLE.action_for(WorkerObservation(name, state, link))
-            if action in (WorkerAction.DELETE, WorkerAction.FORGET):
-                log.warning("worker %s: %s, %s -> %s", name, state, link, action)
-                self.repairs.append((name, action))
-                self.cluster.worker_spec.pop(name, None)
-                await asyncio.to_thread(pool.delete, name)
-        for name in await asyncio.to_thread(pool.expire_parked):
-            log.info("deleted %s: parked longer than %.0f s", name, pool.idle.max_parked_seconds)
-        if self.repairs:
-            self.cluster.loop.add_callback(self.cluster._correct_state)  # closes the dropped workers
+    @property
+    def repairs(self) -> list[tuple[str, WorkerAction]]:
+        """Workers the cluster's health check dropped, and what it did with each VM."""
+        return self.cluster.repairs
 
     def observe(self) -> PoolState:
         """The pool as the in-process scheduler sees it (no cloud call)."""
@@ -225,6 +197,9 @@ class PolicyAdaptive(Adaptive):
             decision = replace(decision, launch=0, unpark=(),
                                target=decision.target - decision.launch - len(decision.unpark),
                                reason=f"{decision.reason}; backing off after: {self.cluster.vms.error}")
+        if decision.launch and self.cluster.vms.in_flight():  # its answer may be a quota refusal: wait for it
+            decision = replace(decision, launch=0, target=decision.target - decision.launch,
+                               reason=f"{decision.reason}; waiting for the create call in flight")
         self.decision = decision
         if decision.launch or decision.unpark or decision.release or decision.cancel:
             self.decisions.append(decision)
@@ -259,6 +234,9 @@ class CloudDaskCluster(SpecCluster):
             address the workers are told (see the module docstring).
         worker_packages: pip requirements installed on images without Dask.
         boot_timeout: seconds a worker may take from being asked for to joining the scheduler.
+        cloud_check_seconds: how often the health check lists the workers' VMs (one call).
+        give_up_seconds: how long launches may fail, with no worker up or booting, before the
+            tasks waiting for a worker fail with :class:`~slipstream.dask_workers.NoWorkerVMs`.
     """
 
     def __init__(self, cloud: CloudProvider | str = "local", *, n_workers: int = 0,
@@ -266,13 +244,19 @@ class CloudDaskCluster(SpecCluster):
                  image: str = DEFAULT_IMAGE, pipeline: str = "dask", run_id: str | None = None,
                  lease_hours: float = 24.0, scheduler_host: str = "127.0.0.1", scheduler_port: int = 0,
                  contact_address: str | None = None, worker_packages: tuple[str, ...] | list[str] = (),
-                 boot_timeout: float = 900.0, key_name: str | None = None, on_event: EventCallback | None = None,
+                 boot_timeout: float = 900.0, cloud_check_seconds: float = 10.0, give_up_seconds: float = 600.0,
+                 key_name: str | None = None, on_event: EventCallback | None = None,
                  asynchronous: bool = False, loop: Any = None, name: str | None = None) -> None:
         cloud = open_cloud(cloud) if isinstance(cloud, str) else cloud
         if contact_address and "://" in contact_address and not contact_address.startswith("tls://"):
             raise InvalidRequest(f"contact_address {contact_address!r} is not a TLS address", resource="CloudDaskCluster",
                                  hint="The scheduler speaks TLS only: give 'tls://host:port' or just 'host:port'.")
         self.config = _as_config(scaling)
+        for knob, value in (("boot_timeout", boot_timeout), ("cloud_check_seconds", cloud_check_seconds),
+                            ("give_up_seconds", give_up_seconds)):
+            if not value > 0:
+                raise InvalidRequest(f"{knob} must be a positive number of seconds, got {value!r}",
+                                     resource="CloudDaskCluster", hint=f"Give {knob} > 0 (see the class docstring).")
         images = {i.name for i in cloud.list_images()}
         if image not in images:
             raise InvalidRequest(f"image {image!r} is not on {cloud.name}", resource="CloudDaskCluster",
@@ -281,6 +265,10 @@ class CloudDaskCluster(SpecCluster):
         self.lease = Lease(cloud, self.owner, on_event=on_event)
         self.cloud = cloud
         self.teardown_proof: TeardownProof | None = None
+        self.cloud_check_seconds = cloud_check_seconds
+        self.repairs: list[tuple[str, WorkerAction]] = []  # what the health check did (dask_watch)
+        self._watch: asyncio.Task | None = None
+        self.settle_seconds = 120.0  # how long closing waits for create calls in flight before the teardown
         # Unique per cluster, not only per run: two clusters of one run never share a worker name.
         run = re.sub(r"[^a-z0-9]", "", self.owner.run_id.lower())[:8] or "pool"
         prefix = f"dask-{run}-{secrets.token_hex(3)}"
@@ -288,7 +276,7 @@ class CloudDaskCluster(SpecCluster):
         pool = WorkerPool(self.lease, flavor=self.config.chosen_flavor, image=image, prefix=prefix,
                           idle=self.config.idle, key_name=key_name, metadata={"slipstream:role": "dask-worker"})
         self.vms = WorkerVMs(pool, nthreads=self.config.slots, packages=(*DEFAULT_WORKER_PACKAGES, *worker_packages),
-                             boot_timeout=boot_timeout, tls=self.tls, on_failed=self._forget_failed)
+                             boot_timeout=boot_timeout, give_up_seconds=give_up_seconds, tls=self.tls, on_failed=self._forget_failed)
         # The scheduler's HTTP endpoints (health, metrics) listen on its host too, on a free port:
         # never Dask's default of every interface, nor a fixed 8787 another cluster may hold.
         security = self.tls.security()
@@ -322,6 +310,11 @@ class CloudDaskCluster(SpecCluster):
         await super()._start()
         self.vms.scheduler_address = self.scheduler.address  # contact address when one was given
         self.scheduler.add_plugin(JoinedNames(self.vms), name="slipstream-joined-names")
+        self._watch = asyncio.ensure_future(watch(self))  # with adapt() or scale() alone
+
+    def _adaptive_is_running(self) -> bool:
+        adaptive = getattr(self, "_adaptive", None)
+        return adaptive is not None and adaptive.state in ("starting", "running")
 
     def scale(self, n: int = 0, memory: Any = None, cores: Any = None):
         n = min(int(n), self.config.max_workers)
@@ -374,13 +367,21 @@ class CloudDaskCluster(SpecCluster):
         await self.vms.let_go(name)
 
     async def _close(self) -> None:
-        self.vms.closing = True
+        self.vms.closing = True  # from here no VM is asked for, and a create that returns is undone
         try:
-            await self.vms.settle(timeout=120)  # a create call in flight must not outlive the teardown
+            if getattr(self, "_adaptive", None) is not None:
+                self._adaptive.stop()
+            if self._watch is not None:
+                await asyncio.wait([self._watch], timeout=30)
+            await self.vms.settle(timeout=self.settle_seconds)  # a create call in flight must not outlive the teardown
             await super()._close()
         finally:
             if self.teardown_proof is None:
                 self.teardown_proof = await asyncio.to_thread(self.lease.teardown)
+                if in_flight := self.vms.in_flight():  # the listing cannot see them yet: say so, never "clean"
+                    self.teardown_proof.remaining.setdefault("server", []).extend(
+                        f"{name} (create call still in flight; it deletes what it makes when it returns)"
+                        for name in in_flight)
 
     # what the run held -------------------------------------------------------------------------
     @property

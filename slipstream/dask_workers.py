@@ -49,6 +49,18 @@ DEFAULT_WORKER_PACKAGES: tuple[str, ...] = (
 LAUNCH_BACKOFF = RetryPolicy(base_delay=5.0, max_delay=300.0)
 
 
+#: Workers in a row whose VM came up but never joined (or went to ERROR) before the cluster stops
+#: creating more: a broken image or user_data would otherwise be retried for ever, each boot
+#: charged until its deadline. A worker that joins resets the count.
+MAX_BROKEN_IN_A_ROW = 3
+
+
+class NoWorkerVMs(RuntimeError):
+    """The error a task waiting for a worker gets when no worker VM could be created for
+    ``give_up_seconds`` (a quota of 0, no capacity for the flavour): the run fails with the
+    cloud's words instead of hanging. One plain message argument, so it pickles like any error."""
+
+
 # TLS ------------------------------------------------------------------------------------------
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> str:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -174,6 +186,7 @@ class WorkerVMs:
     nthreads: int
     packages: tuple[str, ...]
     boot_timeout: float
+    give_up_seconds: float = 600.0  # failing creates with no worker up or booting: waiting tasks fail
     tls: ClusterTLS | None = None
     on_failed: Callable[[tuple[str, ...]], None] = lambda names: None
     next_work_in: Callable[[], float | None] = lambda: None  # set by the adaptive's forecast
@@ -186,6 +199,8 @@ class WorkerVMs:
     created: list[str] = field(default_factory=list)
     failures: list[LaunchFailure] = field(default_factory=list)
     last_success: float = 0.0
+    broken_in_a_row: int = 0  # workers whose VM was deleted as broken since a worker last joined
+    had_worker_at: float = 0.0  # when a worker was last up or booting (the give-up counts from then)
     _launches: dict[str, asyncio.Future] = field(default_factory=dict)
     _cancelled: set[str] = field(default_factory=set)
     _releasing: set[str] = field(default_factory=set)
@@ -202,8 +217,24 @@ class WorkerVMs:
         """The last launch failure, while launches are backing off because of it."""
         return self.failures[-1].error if self.failures and self.backing_off() else None
 
+    @property
+    def gave_up(self) -> bool:
+        """True once :data:`MAX_BROKEN_IN_A_ROW` workers in a row were broken: no VM is created any more."""
+        return self.broken_in_a_row >= MAX_BROKEN_IN_A_ROW
+
+    def note_broken(self, name: str, why: str) -> None:
+        """The health check deleted ``name``'s VM as broken (ERROR, or up and never joined)."""
+        self.broken_in_a_row += 1
+        self.failures.append(LaunchFailure(time.monotonic(), (name,), f"worker {name}: {why}"))
+        if self.gave_up:
+            log.error("%d worker VMs in a row were broken (last: %s: %s); no more are created", self.broken_in_a_row,
+                      name, why)
+
     def backing_off(self, now: float | None = None) -> bool:
-        """True while no new VM should be asked for: the last create failed less than a backoff ago."""
+        """True while no new VM should be asked for: the last create failed less than a backoff
+        ago, or too many workers in a row were broken."""
+        if self.gave_up:
+            return True
         if not self.failures:
             return False
         return (now or time.monotonic()) < self.failures[-1].at + self._backoff_seconds()
@@ -215,9 +246,17 @@ class WorkerVMs:
         return RetryPolicy(attempts=streak + 1, base_delay=LAUNCH_BACKOFF.base_delay,
                            max_delay=LAUNCH_BACKOFF.max_delay).delays()[-1]
 
+    def failing_since(self) -> float | None:
+        """When the current run of failed launches began (none succeeded since), or None."""
+        streak = [f.at for f in self.failures if f.at > self.last_success]
+        return streak[0] if streak else None
+
     def request(self, name: str) -> None:
         """Bring ``name``'s VM up (create its batch, or unpark it) in the background. A VM that
-        exists or is being created already is left alone (its worker object was only remade)."""
+        exists or is being created already is left alone (its worker object was only remade);
+        once the cluster closes, nothing more is asked for."""
+        if self.closing or self.gave_up:
+            return
         parked = name in self.pool.parked()
         batch = self.batch_of.get(name)
         if not parked and (name in self.pool.servers or batch is None or batch.name in self._launches):
@@ -235,14 +274,22 @@ class WorkerVMs:
         if self.pool.user_data is None:
             self.pool.user_data = worker_user_data(self.scheduler_address or "", nthreads=self.nthreads,
                                                    packages=self.packages, tls=self.tls)
-        if not await self._call(self.pool.launch, batch.names, batch):
-            return
-        self.last_success = time.monotonic()
+        await self._call(self._create, batch.names, batch)
+
+    def _create(self, batch: Batch) -> None:
+        """In a worker thread: create the batch, then delete at once what was released, or the
+        whole batch if the cluster closed, while the call was in flight. Done here, not back on
+        the event loop: a closed cluster's loop may never run again, and its VMs would bill on."""
+        asked_at = time.monotonic()
+        self.pool.launch(batch)
         with self._lock:
+            # When it was asked, not when it returned: a create that was already in flight when
+            # another was refused says nothing about the quota since, and must not end the backoff.
+            self.last_success = max(self.last_success, asked_at)
             self.created += batch.names
             gone = [n for n in batch.names if n in self._cancelled or self.closing]
-        for name in gone:  # released, or the cluster closed, while its create call was in flight
-            await asyncio.to_thread(self.pool.delete, name)
+        for name in gone:
+            self.pool.delete(name)
 
     async def _call(self, call: Callable, names: tuple[str, ...], *args) -> bool:
         """A cloud call for ``names`` in a thread; on failure, note it, back off and forget them."""
@@ -257,10 +304,17 @@ class WorkerVMs:
             return False
 
     async def settle(self, timeout: float) -> None:
-        """Wait (at most ``timeout`` s) for create and unpark calls in flight: before a teardown."""
-        pending = [f for f in self._launches.values() if not f.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
+        """Wait (at most ``timeout`` s) for create and unpark calls in flight: before a teardown.
+        A create still in flight after that deletes its VMs itself when it returns."""
+        deadline = time.monotonic() + timeout
+        while (pending := [f for f in self._launches.values() if not f.done()]) and time.monotonic() < deadline:
+            await asyncio.wait(pending, timeout=deadline - time.monotonic())
+
+    def in_flight(self) -> list[str]:
+        """Names of the workers whose create call has not returned yet."""
+        batches = {b.name: b for b in self.batch_of.values()}  # unparks in flight are no creates: skipped
+        return [n for key, f in self._launches.items() if not f.done() and key in batches and key not in self.unparking
+                for n in batches[key].names]
 
     # letting go ------------------------------------------------------------------------------
     async def let_go(self, name: str) -> None:
@@ -280,6 +334,9 @@ class WorkerVMs:
                 await asyncio.to_thread(self.pool.release, name, self.next_work_in())
             else:
                 await asyncio.to_thread(self.pool.delete, name)
+        except Exception as err:  # noqa: BLE001 - a VM nobody wants must not bill on: delete it instead
+            log.warning("could not release worker %s (%s); deleting its VM instead", name, err)
+            await asyncio.to_thread(self.pool.delete, name)
         finally:
             with self._lock:
                 self._releasing.discard(name)
@@ -296,3 +353,4 @@ class JoinedNames(SchedulerPlugin):
         name = str(scheduler.workers[worker].name)
         self.vms.joined.add(name)
         self.vms.unparking.discard(name)
+        self.vms.broken_in_a_row = 0

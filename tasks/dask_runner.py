@@ -4,7 +4,7 @@ only what they need.
 prefect-dask sends every task to its worker with the flow's context: the settings (Prefect's API
 key among them, in clear text) and the flow object, whose task runner carries the cluster's
 arguments (the cloud provider and its credentials). :class:`CloudDaskTaskRunner` submits with
-the API key and auth string removed and the flow's runner replaced by the scheduler's address,
+every secret setting removed (the API key and auth string, the server's database password…) and the flow's runner replaced by the scheduler's address,
 over the cluster's mutual TLS. Tasks on the workers still report to the Prefect API URL; a
 Prefect server that requires a key should be given to the workers by their own means.
 
@@ -29,6 +29,7 @@ import prefect
 import prefect_dask
 from prefect.context import FlowRunContext, SettingsContext
 from prefect_dask import DaskTaskRunner
+from pydantic import BaseModel, SecretStr
 
 CLUSTER_CLASS = "slipstream.dask_cluster.CloudDaskCluster"
 
@@ -60,14 +61,14 @@ class CloudDaskTaskRunner(DaskTaskRunner):
 
     @contextmanager
     def _context_for_workers(self):
-        """While prefect-dask serialises the context for a task: no API key or auth string in the
-        settings, and a flow whose task runner is only the scheduler's address."""
+        """While prefect-dask serialises the context for a task (secrets included, in clear): no
+        secret setting at all (the API key and auth string, the server's auth string, database
+        password and connection URL…), and a flow whose task runner is only the scheduler's address."""
         with ExitStack() as stack:
             settings = SettingsContext.get()
             if settings is not None:
-                api = settings.settings.api.model_copy(update={"key": None, "auth_string": None})
                 stack.enter_context(SettingsContext(profile=settings.profile,
-                                                    settings=settings.settings.model_copy(update={"api": api})))
+                                                    settings=_without_secrets(settings.settings)))
             run = FlowRunContext.get()
             if run is not None and run.flow is not None and run.task_runner is self:
                 stack.enter_context(run.model_copy(update={"flow": self._worker_flow(run.flow)}))
@@ -78,3 +79,15 @@ class CloudDaskTaskRunner(DaskTaskRunner):
             address = self.client.scheduler.address
             self._flow_for_workers = (flow, flow.with_options(task_runner=DaskTaskRunner(address=address)))
         return self._flow_for_workers[1]
+
+
+def _without_secrets(model: BaseModel) -> BaseModel:
+    """A copy of a settings model with every secret field (pydantic ``SecretStr``), at any depth, unset."""
+    updates: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, SecretStr):
+            updates[name] = None
+        elif isinstance(value, BaseModel) and (cleaned := _without_secrets(value)) is not value:
+            updates[name] = cleaned
+    return model.model_copy(update=updates) if updates else model

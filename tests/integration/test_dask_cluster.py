@@ -113,6 +113,10 @@ def test_bad_settings_are_refused_before_any_vm_exists(local_cloud):
         CloudDaskCluster(local_cloud, image="slipstream-noop", scaling={"flavor": "g3.medium", "idle": {"action": "suspend"}})
     with pytest.raises(InvalidRequest, match="contact_address 'tcp://10.0.0.5:8786' is not a TLS address"):
         CloudDaskCluster(local_cloud, image="slipstream-noop", contact_address="tcp://10.0.0.5:8786")
+    with pytest.raises(InvalidRequest, match="give_up_seconds must be a positive number of seconds, got -1"):
+        CloudDaskCluster(local_cloud, image="slipstream-noop", give_up_seconds=-1)  # would fail all work at once
+    with pytest.raises(InvalidRequest, match="cloud_check_seconds must be a positive"):
+        CloudDaskCluster(local_cloud, image="slipstream-noop", cloud_check_seconds=0)
     assert local_cloud.list_servers() == []
 
 

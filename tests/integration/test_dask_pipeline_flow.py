@@ -103,3 +103,22 @@ def test_when_the_budget_is_spent_the_pool_is_closed_and_its_vms_deleted(cloud_e
     history = cloud_env.server_history(run_id)
     assert history and all(h.deleted_at is not None for h in history)
     wait_until(lambda: not set(dask_worker_processes()) - before, timeout=10, what="no dask worker process left")
+
+
+def test_a_quota_of_zero_fails_the_pipeline_with_the_clouds_words_instead_of_hanging(cloud_env):
+    import time
+    from dataclasses import replace
+
+    from slipstream.cloud.local import LocalCloud
+    from slipstream.dask_workers import NoWorkerVMs
+    from slipstream.flows.dask_pipeline import dask_pipeline
+    from slipstream.jetstream2 import Quotas
+
+    # The same cloud (its config.json) with no room for any instance: what the flow's load_cloud opens.
+    LocalCloud(options=replace(cloud_env.options, quotas=Quotas(instances=0, cores=150, ram_mb=600_000, floating_ips=10)))
+    started = time.monotonic()
+    with pytest.raises(NoWorkerVMs, match="no Dask worker VM could be created .*uota"):
+        dask_pipeline(rows=4_000, cols=100, chunk_rows=1_000, max_workers=2, image="slipstream-noop",
+                      boot_seconds=0.0, give_up_seconds=2.0, progress_seconds=0.5)
+    assert time.monotonic() - started < 120  # before: waited for ever
+    assert cloud_env.list_servers() == []

@@ -29,7 +29,13 @@ def test_the_readmes_dask_snippet_runs_as_written(cloud_env):
 def test_prefects_api_key_and_the_clusters_arguments_stay_off_the_workers(cloud_env):
     from prefect import flow, task
     from prefect.context import FlowRunContext
-    from prefect.settings import PREFECT_API_KEY, get_current_settings, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_KEY,
+        PREFECT_SERVER_API_AUTH_STRING,
+        PREFECT_SERVER_DATABASE_PASSWORD,
+        get_current_settings,
+        temporary_settings,
+    )
 
     from slipstream.tasks.dask_runner import CloudDaskTaskRunner
 
@@ -38,7 +44,11 @@ def test_prefects_api_key_and_the_clusters_arguments_stay_off_the_workers(cloud_
         import distributed
 
         runner = FlowRunContext.get().flow.task_runner
-        return {"api_key": get_current_settings().api.key, "on_a_worker": distributed.get_worker().name,
+        settings = get_current_settings()
+        secrets = [settings.server.api.auth_string, settings.server.database.password,
+                   settings.server.database.connection_url]
+        return {"api_key": settings.api.key, "secrets": [s.get_secret_value() for s in secrets if s is not None],
+                "on_a_worker": distributed.get_worker().name,
                 "cluster_kwargs": getattr(runner, "cluster_kwargs", None), "address": runner.address}
 
     runner = CloudDaskTaskRunner(cluster_kwargs={"cloud": "local", "image": "slipstream-noop",
@@ -49,9 +59,12 @@ def test_prefects_api_key_and_the_clusters_arguments_stay_off_the_workers(cloud_
     def probe() -> dict:
         return what_the_worker_sees.submit().result()
 
-    with temporary_settings({PREFECT_API_KEY: "pnu_not_for_the_workers"}):
+    # A host that also serves Prefect has its server's secrets in the same settings.
+    with temporary_settings({PREFECT_API_KEY: "pnu_not_for_the_workers", PREFECT_SERVER_API_AUTH_STRING: "admin:s3cret",
+                             PREFECT_SERVER_DATABASE_PASSWORD: "db-s3cret"}):
         seen = probe()
     assert seen["on_a_worker"].startswith("dask-")
     assert seen["api_key"] is None
+    assert not [s for s in seen["secrets"] if "s3cret" in s], seen["secrets"]
     assert not seen["cluster_kwargs"] and seen["address"].startswith("tls://")
     assert cloud_env.list_servers() == []

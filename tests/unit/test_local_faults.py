@@ -117,6 +117,19 @@ def test_extra_boot_delay_slows_every_boot(local_cloud):
     assert (active - built).total_seconds() == pytest.approx(0.2 + 0.3, abs=0.005)
 
 
+def test_a_call_delay_makes_that_operation_slow_from_any_process(local_cloud):
+    configure(local_cloud, slow_calls={"list_images": 0.4})
+    assert json.loads((local_cloud.home / "config.json").read_text())["faults"]["slow_calls"] == {"list_images": 0.4}
+    took = run_python("""
+        import time
+        from slipstream.cloud.local import LocalCloud
+        cloud = LocalCloud()
+        t = time.monotonic(); cloud.list_flavors(); fast = time.monotonic() - t
+        t = time.monotonic(); cloud.list_images(); print(fast, time.monotonic() - t)
+    """, local_cloud.home).split()
+    assert float(took[0]) < 0.4 <= float(took[1])
+
+
 def test_a_flavour_set_to_fail_goes_to_error_at_the_end_of_its_boot(local_cloud):
     configure(local_cloud, error_flavors=("g3.small",))
     who = owner()
@@ -156,6 +169,8 @@ def test_options_are_written_to_config_json_and_read_by_other_processes(local_cl
     (lambda: FaultOptions(error_rates={"list_servers": 2}), "between 0 and 1"),
     (lambda: LocalCloudOptions(network="10.0.0.0/16"), "127.0.0.0/8"),
     (lambda: LocalCloudOptions(stop_grace=-1), ">= 0"),
+    (lambda: FaultOptions(slow_calls={"create_servers": -1}), ">= 0 seconds"),
+    (lambda: FaultOptions(slow_calls={"boot": 1}), "create_servers"),
 ])
 def test_bad_options_are_refused_with_the_valid_choices(make, words):
     with pytest.raises(InvalidRequest) as err:

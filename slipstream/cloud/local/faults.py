@@ -10,6 +10,7 @@ may raise :class:`~slipstream.cloud.errors.TransientError`:
   ``Random(f"{seed}:{operation}:{n}")``, n counted in the database: the same sequence of calls
   fails at the same places in every run, whichever processes make them.
 
+A slow API (``slow_calls``) makes a call wait before doing anything.
 Boot-time faults (extra delay, forced ERROR, no capacity) are applied where servers are created.
 """
 

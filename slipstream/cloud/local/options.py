@@ -87,7 +87,7 @@ class FaultOptions:
       bursts at run time. The counter lives in the database, so any process's calls consume it.
     - ``extra_boot_delay``: seconds added to every boot.
     - ``slow_calls``: operation -> seconds each call of it takes before it answers (an API that
-      hangs, e.g. while a heartbeat renews a lease).
+      hangs while a heartbeat renews a lease; a create call still in flight when a pool closes).
     - ``error_flavors``: flavours whose servers go to ERROR at the end of their boot.
     - ``no_capacity``: flavours or families (e.g. ``"g3"``) for which no host is ever found.
     - ``quota_recheck``: flavours or families whose batches pass the quota check when the call is
