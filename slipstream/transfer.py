@@ -42,6 +42,7 @@ from pathlib import Path
 import asyncssh
 
 from slipstream.ssh import SshError, SshTarget, SshTimeout, _connect, _run_sync, CONNECT_TIMEOUT
+from slipstream.untrusted import printable
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,13 @@ class FetchedOutputs:
     refused: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
+        """One line for a log or an error (names from the VM with control characters escaped)."""
         parts = [f"{len(self.files)} file(s) in {self.local_dir}"]
         if self.missing:
             parts.append(f"missing on the VM: {', '.join(self.missing)}")
         if self.refused:
             parts.append("refused: " + "; ".join(f"{k} ({why})" for k, why in self.refused.items()))
-        return ", ".join(parts)
+        return printable(", ".join(parts))
 
 
 def safe_mode(mode: int) -> int:
@@ -146,7 +148,7 @@ def _move_into_place(staging: Path, local_dir: Path) -> None:
         for name in files:
             dest = dest_dir / name
             if dest.is_dir() and not dest.is_symlink():  # never delete a directory of yours for a file
-                log.warning("kept the directory %s: the VM's file of that name was not brought back", dest)
+                log.warning("kept the directory %s: the VM's file of that name was not brought back", printable(str(dest)))
                 continue
             os.replace(Path(src_dir) / name, dest)
 

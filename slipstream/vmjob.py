@@ -27,6 +27,7 @@ from slipstream.cost.planning import vm_job_overhead_hours
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Flavor, Image, ServerSpec, check_name
 from slipstream.cloud.port import CloudProvider
+from slipstream.untrusted import printable
 
 #: Where a job's files live on the VM, relative to the login user's home.
 REMOTE_JOB_DIR = "slipstream-job"
@@ -119,7 +120,7 @@ def describe_duration(seconds: float) -> str:
 def job_failure(plan: VmJobPlan, outcome: JobOutcome, server: str, kept: str) -> JobFailed | None:
     """The error to fail the run with for ``outcome`` (None when the job succeeded). ``kept``
     says what was brought back and where."""
-    tail = "\n".join(outcome.stderr.rstrip().splitlines()[-20:])
+    tail = "\n".join(printable(line) for line in outcome.stderr.rstrip().splitlines()[-20:])  # the VM's text
     tail = f"\nlast lines of stderr:\n{tail}" if tail else ""
     if outcome.timed_out:
         return JobFailed(
