@@ -142,6 +142,7 @@ def vm_job(
         secret_env=secret_env, boot_timeout_seconds=boot_timeout_seconds,
         transfer_timeout_seconds=transfer_timeout_seconds, roots=allowed_roots(bool(deployment.get_id())),
     )
+    results = plan.results_dir
     (planned,) = plan.planned
     owner = Ownership.new(pipeline, run_id=run_id, lease=lease_for_walltime(planned.held_hours))
     logger.info("plan: 1 x %s on %s for at most %g h of work + %.2f h to boot, transfer and tear down: "

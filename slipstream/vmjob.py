@@ -236,8 +236,9 @@ def plan_vm_job(
         if not p.exists():
             raise InvalidRequest(f"input {item!r} does not exist", hint="Give local files or directories to upload.")
         input_paths.append(p)
+    results_path = Path(results_dir).expanduser()  # the path checked is the path written to
     if roots is not None:
-        _confine("results_dir", Path(results_dir), roots)
+        _confine("results_dir", results_path, roots)
     spec = ServerSpec(name=name, flavor=flavor, image=image, count=count)
     return VmJobPlan(
         spec=spec,
@@ -248,7 +249,7 @@ def plan_vm_job(
         outputs=tuple(_check_not_reserved(_check_output_path(o)) for o in outputs),
         script=script_path,
         max_hours=max_hours,
-        results_dir=Path(results_dir),
+        results_dir=results_path,
         secret_env=_check_secret_env(secret_env or {}),
         boot_timeout_seconds=boot_timeout_seconds,
         transfer_timeout_seconds=transfer_timeout_seconds,

@@ -46,3 +46,16 @@ def test_escapes_fake_lines_hostile_names_and_an_echoed_secret_never_reach_the_l
     assert "bad ***" in failure and "exited with status 3" in failure
     assert (tmp_path / "res" / "out" / EVIL_NAME).read_text() == "x"
     assert cloud_env.list_servers() == []
+
+
+def test_results_dir_with_a_tilde_is_written_where_it_was_confined(cloud_env, tmp_path, monkeypatch):
+    from slipstream.flows.vm_job import vm_job
+
+    allowed = tmp_path / "allowed"
+    (allowed / "home").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(allowed / "home"))
+    monkeypatch.setenv("SLIPSTREAM_ALLOWED_ROOTS", str(allowed))  # the run's cwd (tmp_path) is not allowed
+    result = vm_job(flavor="m3.tiny", command="echo kept", results_dir="~/res")
+    assert (allowed / "home" / "res" / "stdout.txt").read_text() == "kept\n"
+    assert result.results_dir == str(allowed / "home" / "res")
+    assert not (tmp_path / "~").exists()  # nothing written outside the allowed roots
