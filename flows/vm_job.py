@@ -143,6 +143,7 @@ def vm_job(
         secret_env=secret_env, boot_timeout_seconds=boot_timeout_seconds,
         transfer_timeout_seconds=transfer_timeout_seconds, roots=allowed_roots(bool(deployment.get_id())),
     )
+    results = plan.results_dir
     (planned,) = plan.planned
     # The first lease covers the boot; the run's heartbeat renews it while the work goes on.
     owner = Ownership.new(pipeline, run_id=run_id, lease=first_lease(timedelta(seconds=boot_timeout_seconds)))

@@ -34,6 +34,7 @@ import secrets
 import shlex
 import time
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ import asyncssh
 
 from slipstream.cloud.errors import TransientError
 from slipstream.cloud.models import Server
+from slipstream.untrusted import printable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,7 +94,7 @@ class RemoteCommandFailed(SshError):
     def __init__(self, command: str, exit_status: int, stderr: str = "", *,
                  host: str | None = None):
         self.command, self.exit_status = command, exit_status
-        self.stderr_tail = "\n".join(stderr.rstrip().splitlines()[-20:])
+        self.stderr_tail = "\n".join(printable(line) for line in stderr.rstrip().splitlines()[-20:])
         text = f"remote command {command[:200]!r} exited with status {exit_status}"
         text += f" on {host}" if host else ""
         super().__init__(f"{text}; last lines of stderr:\n{self.stderr_tail}" if self.stderr_tail
@@ -303,19 +305,21 @@ async def _secret_env_file(conn: asyncssh.SSHClientConnection, secret_env: dict[
 def run_command(target: SshTarget, command: str, *, timeout: float,
                 env: dict[str, str] | None = None, check: bool = True,
                 on_output: OutputSink | None = None,
-                secret_env: dict[str, str] | None = None) -> CommandResult:
+                secret_env: dict[str, str] | None = None, keep_lines: int | None = None) -> CommandResult:
     """Run ``command`` with the login shell, in the login home, and wait at most ``timeout`` s.
 
     ``on_output`` hears every line of stdout and stderr as the command prints it. ``secret_env``
-    is exported to the command without ever appearing in a command line or a log.
+    is exported to the command without ever appearing in a command line or a log. ``keep_lines``
+    keeps only the last lines of each stream in memory (and in the result): a job may print
+    more than this process can hold, and ``on_output`` sees every line anyway.
     Raises :class:`RemoteCommandFailed` on a non-zero exit when ``check``, :class:`SshTimeout`
     when the command outlives ``timeout`` (it may keep running on the server; the output it
     printed until then is on the exception, as ``stdout`` and ``stderr``).
     """
-    stdout: list[str] = []
-    stderr: list[str] = []
+    stdout: deque[str] = deque(maxlen=keep_lines)
+    stderr: deque[str] = deque(maxlen=keep_lines)
 
-    async def pump(stream: asyncssh.SSHReader, name: str, sink: list[str]) -> None:
+    async def pump(stream: asyncssh.SSHReader, name: str, sink: deque[str]) -> None:
         async for line in stream:
             if not line:  # the reader's end-of-stream
                 break

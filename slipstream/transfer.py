@@ -21,7 +21,11 @@ How:
   other (out of the job directory, to a directory, dangling) is refused and named;
 - devices, sockets and FIFOs are refused; names are single path components from the VM's own
   listing, so ``..`` or ``/`` cannot appear in a local path;
-- modes keep only the rwx bits, without world-write: setuid, setgid and sticky never arrive.
+- modes keep only the rwx bits, without world-write: setuid, setgid and sticky never arrive;
+- a download never fills the local disk: it writes at most what leaves
+  :data:`FREE_SPACE_RESERVE` bytes free (and at most ``SLIPSTREAM_MAX_DOWNLOAD_BYTES`` when set);
+  a file over that (a VM can make a 1 TB sparse file in a blink) is refused after at most one
+  block, its partial copy deleted.
 
 What exists is always fetched: a missing or refused output does not stop the others.
 """
@@ -42,11 +46,30 @@ from pathlib import Path
 import asyncssh
 
 from slipstream.ssh import SshError, SshTarget, SshTimeout, _connect, _run_sync, CONNECT_TIMEOUT
+from slipstream.untrusted import printable
 
 log = logging.getLogger(__name__)
 
 #: Permission bits a downloaded file or directory may keep: rwx for user and group, r-x for others.
 SAFE_MODE_BITS = 0o775
+#: Free space a download always leaves on the results directory's filesystem.
+FREE_SPACE_RESERVE = 1 << 30
+#: Environment variable capping how many bytes one download may write.
+MAX_DOWNLOAD_ENV = "SLIPSTREAM_MAX_DOWNLOAD_BYTES"
+
+
+def download_limit(local_dir: Path) -> int:
+    """How many bytes a download into ``local_dir`` may write: what keeps the disk from filling,
+    or ``SLIPSTREAM_MAX_DOWNLOAD_BYTES`` if that is less."""
+    limit = max(0, shutil.disk_usage(local_dir).free - FREE_SPACE_RESERVE)
+    if configured := os.environ.get(MAX_DOWNLOAD_ENV):
+        limit = min(limit, int(configured))
+    return limit
+
+
+class _OverLimit(Exception):
+    def __init__(self, size: int):
+        self.size = size
 
 
 @dataclass
@@ -59,12 +82,13 @@ class FetchedOutputs:
     refused: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
+        """One line for a log or an error (names from the VM with control characters escaped)."""
         parts = [f"{len(self.files)} file(s) in {self.local_dir}"]
         if self.missing:
             parts.append(f"missing on the VM: {', '.join(self.missing)}")
         if self.refused:
             parts.append("refused: " + "; ".join(f"{k} ({why})" for k, why in self.refused.items()))
-        return ", ".join(parts)
+        return printable(", ".join(parts))
 
 
 def safe_mode(mode: int) -> int:
@@ -76,8 +100,9 @@ class _Walk:
     """One download: walks the VM's tree and writes into the private staging directory."""
 
     def __init__(self, sftp: asyncssh.SFTPClient, root: str, root_real: str, staging: Path,
-                 report: FetchedOutputs):
+                 report: FetchedOutputs, bytes_left: int):
         self.sftp, self.root, self.root_real, self.staging, self.report = sftp, root, root_real, staging, report
+        self.bytes_left = bytes_left
 
     def inside_root(self, real: str) -> bool:
         return real == self.root_real or real.startswith(self.root_real.rstrip("/") + "/")
@@ -124,7 +149,20 @@ class _Walk:
     async def _file(self, rel: str, remote: str, attrs: asyncssh.SFTPAttrs) -> None:
         local = self.staging / rel
         local.parent.mkdir(parents=True, exist_ok=True)
-        await self.sftp.get(remote, str(local), preserve=False)
+
+        def within_limit(_src: bytes, _dst: bytes, copied: int, total: int) -> None:
+            if max(copied, total) > self.bytes_left:  # total: the size asyncssh copies, stat'ed by itself
+                raise _OverLimit(max(copied, total))
+
+        try:
+            await self.sftp.get(remote, str(local), preserve=False, progress_handler=within_limit)
+        except _OverLimit as big:
+            local.unlink(missing_ok=True)
+            self.report.refused[rel] = (f"{big.size} bytes, over the {self.bytes_left} this download may still "
+                                        f"write (free disk space less {FREE_SPACE_RESERVE >> 20} MiB, "
+                                        f"or {MAX_DOWNLOAD_ENV})")
+            return
+        self.bytes_left -= local.stat().st_size
         os.chmod(local, safe_mode(attrs.permissions or 0o644))
         if attrs.mtime is not None:
             os.utime(local, (attrs.atime or attrs.mtime, attrs.mtime))
@@ -146,7 +184,7 @@ def _move_into_place(staging: Path, local_dir: Path) -> None:
         for name in files:
             dest = dest_dir / name
             if dest.is_dir() and not dest.is_symlink():  # never delete a directory of yours for a file
-                log.warning("kept the directory %s: the VM's file of that name was not brought back", dest)
+                log.warning("kept the directory %s: the VM's file of that name was not brought back", printable(str(dest)))
                 continue
             os.replace(Path(src_dir) / name, dest)
 
@@ -168,7 +206,7 @@ def fetch_outputs(target: SshTarget, remote_dir: str, outputs: Iterable[str], lo
 
     async def walk(sftp: asyncssh.SFTPClient) -> None:
         root_real = await sftp.realpath(remote_dir)
-        walker = _Walk(sftp, remote_dir, root_real, staging, report)
+        walker = _Walk(sftp, remote_dir, root_real, staging, report, download_limit(local_dir))
         for rel in wanted:
             try:
                 attrs = await sftp.lstat(f"{remote_dir}/{rel}")

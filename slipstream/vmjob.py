@@ -27,6 +27,7 @@ from slipstream.cost.planning import vm_job_overhead_hours
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Flavor, Image, ServerSpec, check_name
 from slipstream.cloud.port import CloudProvider
+from slipstream.untrusted import printable
 
 #: Where a job's files live on the VM, relative to the login user's home.
 REMOTE_JOB_DIR = "slipstream-job"
@@ -119,7 +120,7 @@ def describe_duration(seconds: float) -> str:
 def job_failure(plan: VmJobPlan, outcome: JobOutcome, server: str, kept: str) -> JobFailed | None:
     """The error to fail the run with for ``outcome`` (None when the job succeeded). ``kept``
     says what was brought back and where."""
-    tail = "\n".join(outcome.stderr.rstrip().splitlines()[-20:])
+    tail = "\n".join(printable(line) for line in outcome.stderr.rstrip().splitlines()[-20:])  # the VM's text
     tail = f"\nlast lines of stderr:\n{tail}" if tail else ""
     if outcome.timed_out:
         return JobFailed(
@@ -235,8 +236,9 @@ def plan_vm_job(
         if not p.exists():
             raise InvalidRequest(f"input {item!r} does not exist", hint="Give local files or directories to upload.")
         input_paths.append(p)
+    results_path = Path(results_dir).expanduser()  # the path checked is the path written to
     if roots is not None:
-        _confine("results_dir", Path(results_dir), roots)
+        _confine("results_dir", results_path, roots)
     spec = ServerSpec(name=name, flavor=flavor, image=image, count=count)
     return VmJobPlan(
         spec=spec,
@@ -247,7 +249,7 @@ def plan_vm_job(
         outputs=tuple(_check_not_reserved(_check_output_path(o)) for o in outputs),
         script=script_path,
         max_hours=max_hours,
-        results_dir=Path(results_dir),
+        results_dir=results_path,
         secret_env=_check_secret_env(secret_env or {}),
         boot_timeout_seconds=boot_timeout_seconds,
         transfer_timeout_seconds=transfer_timeout_seconds,

@@ -24,10 +24,13 @@ from slipstream.cloud.port import CloudProvider
 from slipstream.cost.accounting import meter_servers
 from slipstream.periodic import Periodic
 from slipstream.transfer import FetchedOutputs, fetch_outputs
+from slipstream.untrusted import printable, redact
 from slipstream.vmjob import STDERR_FILE, STDOUT_FILE, JobOutcome, describe_duration
 
 #: The most output lines one job sends to the run's logs; the rest is only in stdout.txt/stderr.txt.
 MAX_LOGGED_LINES = 5000
+#: The last lines of each stream kept in memory for the result and the error (all are in the files).
+KEPT_LINES = 200
 
 
 @task(name="wait-for-ssh", cache_policy=NONE)
@@ -72,21 +75,26 @@ def run_remote_command(target: ssh.SshTarget, command: str, remote_dir: str, *, 
     and to ``results_dir``; a timeout is an outcome, not an error, so the outputs are still fetched.
 
     ``secret_env`` maps variable names to *names* of saved Prefect Secret blocks: the values are
-    read here, in the task, and go to the VM over SSH only (never a parameter, log or artifact)."""
+    read here, in the task, and go to the VM over SSH only (never a parameter, log or artifact);
+    a job that prints one anyway has it replaced by ``***`` in the logs, stdout.txt/stderr.txt and
+    the outcome. Control characters the job prints reach the logs as visible escapes."""
     logger = get_run_logger()
     logger.info("running on %s: %s", target.host, command)
     results_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     logged = 0
+    secrets = _secret_values(secret_env or {})
 
     with open(results_dir / STDOUT_FILE, "w") as out, open(results_dir / STDERR_FILE, "w") as err:
         def on_output(stream: str, line: str) -> None:
             nonlocal logged
+            line = redact(line, secrets.values())
             (out if stream == "stdout" else err).write(line + "\n")
             (out if stream == "stdout" else err).flush()
             logged += 1
             if logged <= MAX_LOGGED_LINES:
-                (logger.info if stream == "stdout" else logger.warning)("%s %s", "|" if stream == "stdout" else "!", line)
+                (logger.info if stream == "stdout" else logger.warning)(
+                    "%s %s", "|" if stream == "stdout" else "!", printable(line.removesuffix("\r")))
             elif logged == MAX_LOGGED_LINES + 1:
                 logger.info("... more output than %d lines: the rest is in %s", MAX_LOGGED_LINES, results_dir)
 
@@ -102,12 +110,14 @@ def run_remote_command(target: ssh.SshTarget, command: str, remote_dir: str, *, 
         ticker.start()
         try:
             result = ssh.run_command(target, f"cd {remote_dir} && {command}", timeout=timeout, check=False,
-                                     on_output=on_output, secret_env=_secret_values(secret_env or {}))
+                                     on_output=on_output, secret_env=secrets, keep_lines=KEPT_LINES)
         except ssh.SshTimeout as timed_out:
-            return JobOutcome(None, timed_out.stdout, timed_out.stderr, time.monotonic() - started, timed_out=True)
+            return JobOutcome(None, redact(timed_out.stdout, secrets.values()), redact(timed_out.stderr, secrets.values()),
+                              time.monotonic() - started, timed_out=True)
         finally:
             ticker.stop(timeout=5)
-    return JobOutcome(result.exit_status, result.stdout, result.stderr, time.monotonic() - started)
+    return JobOutcome(result.exit_status, redact(result.stdout, secrets.values()), redact(result.stderr, secrets.values()),
+                      time.monotonic() - started)
 
 
 def _secret_values(names: dict[str, str]) -> dict[str, str]:
@@ -134,10 +144,10 @@ def download_outputs(target: ssh.SshTarget, outputs: list[str], remote_dir: str,
     A retry (connection trouble) starts afresh within the same ``deadline``."""
     logger = get_run_logger()
     fetched = fetch_outputs(target, remote_dir, outputs, local_dir, timeout=_left(deadline, "the download"))
-    if fetched.files:
-        logger.info("downloaded %s to %s", ", ".join(fetched.files), local_dir)
+    if fetched.files:  # names chosen on the VM: shown with their control characters escaped
+        logger.info("downloaded %s to %s", printable(", ".join(fetched.files)), local_dir)
     if fetched.missing:
         logger.warning("not on the VM (nothing to download): %s", ", ".join(fetched.missing))
     for path, why in fetched.refused.items():
-        logger.warning("refused to download %s: %s", path, why)
+        logger.warning("refused to download %s: %s", printable(path), printable(why))
     return fetched

@@ -472,3 +472,30 @@ def test_target_for_prefers_the_floating_ip():
         ("127.65.0.9", 2200, "ubuntu", ())
     with pytest.raises(ssh.SshUnreachable, match="no address"):
         ssh.target_for(dataclasses.replace(server, address=None, floating_ip=None), kp, "")
+
+
+def test_a_chatty_command_keeps_only_its_last_lines_in_memory_and_the_sink_hears_every_one(make_vm):
+    vm = make_vm()
+    heard: list[str] = []
+    result = ssh.run_command(vm.target(), "seq 1 50000", timeout=60, keep_lines=200,
+                             on_output=lambda stream, line: heard.append(line))
+    assert len(heard) == 50000 and heard[-1] == "50000"
+    assert result.stdout.splitlines() == [str(n) for n in range(49801, 50001)]
+
+
+def test_a_download_never_writes_more_than_its_limit_and_fetches_the_rest(make_vm, tmp_path, monkeypatch):
+    from slipstream.transfer import fetch_outputs
+
+    vm = make_vm()
+    monkeypatch.setenv("SLIPSTREAM_MAX_DOWNLOAD_BYTES", str(1 << 20))
+    # A VM makes a terabyte in a blink (sparse); each small file fits, together they would not.
+    ssh.run_command(vm.target(), "mkdir -p job/out && truncate -s 1T job/out/huge.bin && "
+                    "head -c 400000 /dev/urandom > job/out/a.bin && head -c 400000 /dev/urandom > job/b.bin && "
+                    "head -c 400000 /dev/urandom > job/c.bin", timeout=30)
+    got = fetch_outputs(vm.target(), "job", ["out", "b.bin", "c.bin"], tmp_path / "res", timeout=60)
+    assert sorted(got.files) == ["b.bin", "out/a.bin"]
+    assert set(got.refused) == {"out/huge.bin", "c.bin"}
+    assert "1099511627776 bytes, over the" in got.refused["out/huge.bin"]
+    assert not (tmp_path / "res" / "out" / "huge.bin").exists() and not (tmp_path / "res" / "c.bin").exists()
+    written = sum(p.stat().st_blocks * 512 for p in (tmp_path / "res").rglob("*") if p.is_file())
+    assert written <= (1 << 20) + (1 << 18)
