@@ -30,23 +30,14 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=handle)
 
 
-def _open_cloud(ref: str):
-    if ref in ("", "local"):
-        from slipstream.cloud.local import LocalCloud
-
-        return LocalCloud()
-    from slipstream.blocks import load_cloud  # a saved block needs Prefect's block store
-
-    return load_cloud(ref)
-
-
 def handle(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from slipstream.cloud import open_cloud
     from slipstream.cost.reports import gather_run_report, write_report_files
 
     console = Console(highlight=False, soft_wrap=True)
-    report = gather_run_report(_open_cloud(args.cloud), args.run_id)
+    report = gather_run_report(open_cloud(args.cloud), args.run_id)
     out = args.out or Path(f"slipstream-report-{report.run_id}")
     paths = write_report_files(report, out)
     for line in report.summary():

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     # slurmctld runs its programs with SIGTERM/SIGINT blocked; VMs (and their daemons) started
     # from here would inherit the mask and ignore the signals that end them.
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    from slipstream.cloud import open_cloud  # LocalCloud needs no Prefect on the resume path
     from slipstream.cloud.errors import CloudError, InvalidRequest
     from slipstream.slurm.config import ClusterSettings
     from slipstream.slurm.power import SlurmPower
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     _log_to(settings.dir / "power.log", args.action, getattr(args, "hostlist", ""))
     log = logging.getLogger("slipstream.slurm.power")
     try:
-        power = SlurmPower(settings, _cloud(settings.cloud))
+        power = SlurmPower(settings, open_cloud(settings.cloud))
         if args.action == "resume":
             power.resume(args.hostlist)
         elif args.action == "suspend":
@@ -68,16 +69,6 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s %s failed: %s", args.action, getattr(args, "hostlist", ""), err)
         print(f"error: {err}")
         return 1
-
-
-def _cloud(ref: str):
-    if ref in ("", "local"):
-        from slipstream.cloud.local import LocalCloud  # no Prefect import on the resume path
-
-        return LocalCloud()
-    from slipstream.blocks import load_cloud
-
-    return load_cloud(ref)
 
 
 def _log_to(path, action: str, hostlist: str) -> None:
