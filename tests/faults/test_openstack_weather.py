@@ -295,6 +295,55 @@ def test_fallback_to_a_region_without_the_key_imports_the_runs_key_there(lab_clo
         other.reset()
 
 
+def test_fallback_with_the_users_own_key_in_every_region_is_not_refused(lab_cloud, owner, no_host_flavor, tmp_path):
+    """A researcher's own keypair (imported by hand into each region, not slipstream's) is in both
+    regions: the fallback goes ahead instead of calling it missing, and touches neither copy."""
+    local = pytest.importorskip("slipstream.cloud.local")
+    other = local.LocalCloud(options=local.LocalCloudOptions(home=tmp_path / "other-region", boot_delay=0.2,
+                                                              stop_grace=0.5))
+    public_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl mine@test"
+    mine = f"my-laptop-{uuid.uuid4().hex[:8]}"
+    lab_cloud.conn.compute.create_keypair(name=mine, public_key=public_key)  # as `openstack keypair create`
+    other.create_keypair(mine, public_key)
+    ledger = Ledger(tmp_path / "l.db")
+    try:
+        with Lease(lab_cloud, owner, ledger=ledger, delete_timeout=120) as here, \
+                Lease(other, owner, ledger=ledger, delete_timeout=60) as there:
+            result = create_with_fallback(
+                ServerSpec("mine", no_host_flavor, DEFAULT_IMAGE, key_name=mine),
+                [Candidate(here, no_host_flavor), Candidate(there, "m3.tiny")],
+                boot_timeout=120, poll_interval=0.5)
+            assert result.candidate.lease is there and result.servers[0].key_name == mine
+        assert here.proof.clean and there.proof.clean, (here.proof.summary(), there.proof.summary())
+        assert lab_cloud.conn.compute.find_keypair(mine) is not None, "the user's own key is left alone"
+    finally:
+        lab_cloud.conn.compute.delete_keypair(mine, ignore_missing=True)
+        other.reset()
+
+
+def test_fallback_to_a_region_without_the_users_own_key_is_refused_naming_it(lab_cloud, owner, tiny, tmp_path):
+    """The user's own key exists only in the first region: refused up front, naming key and region."""
+    local = pytest.importorskip("slipstream.cloud.local")
+    first = local.LocalCloud(options=local.LocalCloudOptions(
+        home=tmp_path / "first-region", boot_delay=0.2, stop_grace=0.5,
+        faults=local.FaultOptions(no_capacity=("g3.large",))))
+    mine = f"my-laptop-{uuid.uuid4().hex[:8]}"
+    first.create_keypair(mine, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl a@b")
+    ledger = Ledger(tmp_path / "l.db")
+    try:
+        with Lease(first, owner, ledger=ledger) as there, \
+                Lease(lab_cloud, owner, ledger=ledger, delete_timeout=120) as here:
+            with pytest.raises(InvalidRequest) as caught:
+                create_with_fallback(
+                    ServerSpec("mine", "g3.large", DEFAULT_IMAGE, key_name=mine),
+                    [Candidate(there, "g3.large"), Candidate(here, tiny)],
+                    boot_timeout=120, poll_interval=0.5)
+        assert f"cannot fall back to {lab_cloud.name}" in str(caught.value) and mine in str(caught.value)
+        assert first.server_history(owner.run_id) == [], "nothing was tried before the refusal"
+    finally:
+        first.reset()
+
+
 def test_fallback_to_a_region_without_the_security_group_is_refused_before_anything_is_tried(
         lab_cloud, owner, tiny, tmp_path):
     """Security groups belong to one region: a spec naming one the lab lacks is refused up front,
