@@ -30,6 +30,14 @@ from requests.adapters import HTTPAdapter
 
 Forward = Callable[[], requests.Response]
 VOLUME = r"/volumes/[0-9a-f-]{36}(\?|$)"  # one volume (the SDK adds ?cascade=...&force=...)
+VOLUME_READS = rf"/volumes(/detail)?(\?|$)|{VOLUME}"
+#: Cinder's answer to deleting a volume whose status is not available/error/... (``creating``,
+#: ``deleting``, ``error_deleting``): ``InvalidVolume`` from cinder/volume/api.py's delete (Zed).
+CINDER_INVALID_VOLUME = (
+    "Invalid volume: Volume status must be available or error or error_restoring or "
+    "error_extending or error_managing and must not be migrating, attached, belong to a "
+    "group, have snapshots, awaiting a transfer, or be disassociated from snapshots after "
+    "volume transfer.")
 Responder = Callable[[requests.PreparedRequest, Forward], requests.Response]
 
 
@@ -117,6 +125,8 @@ class HttpFaults(HTTPAdapter):
 
         def delete(request, forward):
             volume_id = _volume_id(request)
+            if volume_id in pending:  # Cinder refuses a second delete of a `deleting` volume
+                return _invalid_volume(request)
             pending.add(volume_id)
 
             def later() -> None:
@@ -136,10 +146,24 @@ class HttpFaults(HTTPAdapter):
 
         listed_deleting: list[str] = []
         rule = self.add("DELETE", VOLUME, delete)
-        self.add("GET", rf"/volumes(/detail)?(\?|$)|{VOLUME}",
-                 lambda request, forward: rewritten(forward(), show_deleting))
+        self.add("GET", VOLUME_READS, lambda request, forward: rewritten(forward(), show_deleting))
         rule.listed_deleting = listed_deleting  # type: ignore[attr-defined]
         rule.timers = timers  # type: ignore[attr-defined]
+        return rule
+
+    def cinder_stuck(self, volume_ids: set[str], status: str) -> Rule:
+        """Volumes Cinder holds in ``status`` for the rest of the block — ``deleting`` on a hung
+        backend, ``error_deleting`` after the backend failed the delete (only an admin's
+        reset-state gets either out): listings show the status and every DELETE of them is refused
+        with 400 ``InvalidVolume``, as cinder-api refuses any volume not available or error."""
+        def show(body: dict) -> None:
+            for volume in body.get("volumes", []) + ([body["volume"]] if "volume" in body else []):
+                if volume.get("id") in volume_ids:
+                    volume["status"] = status
+
+        rule = self.add("DELETE", VOLUME, lambda request, forward: _invalid_volume(request)
+                        if _volume_id(request) in volume_ids else forward())
+        self.add("GET", VOLUME_READS, lambda request, forward: rewritten(forward(), show))
         return rule
 
     def cinder_busy_once(self, message: str) -> Rule:
@@ -170,6 +194,10 @@ class HttpFaults(HTTPAdapter):
 
         return self.add("GET", r"/servers/detail|/servers/[0-9a-f-]{36}$",
                         lambda request, forward: rewritten(forward(), edit))
+
+
+def _invalid_volume(request: requests.PreparedRequest) -> requests.Response:
+    return canned(request, 400, {"badRequest": {"code": 400, "message": CINDER_INVALID_VOLUME}})
 
 
 def _volume_id(request: requests.PreparedRequest) -> str:

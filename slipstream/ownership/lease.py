@@ -17,8 +17,9 @@ Guarantees:
   the run owns on the cloud (what this lease created, and anything else tagged with its run id)
   is deleted in dependency order (floating IPs, servers, volumes, keypairs), each delete retried
   on transient errors (a volume Cinder is still busy with — creating, detaching — until
-  ``delete_timeout``), "already gone" counted as done, and servers' and volumes' asynchronous
-  deletes waited for;
+  ``delete_timeout``; one already ``deleting`` waited for with the rest; one ``error_deleting``
+  reported at once, since only an admin can reset it), "already gone" counted as done, and
+  servers' and volumes' asynchronous deletes waited for;
 - :attr:`Lease.proof` then lists, by run id, every kind of resource on the cloud. An empty
   listing is the proof that nothing is left to charge the allocation.
 
@@ -263,15 +264,34 @@ class Lease:
                 )
                 break
             except Conflict as err:
-                # Cinder refuses (400 "status must be available or error ...") a volume that is
-                # still creating, attaching or detaching; it settles on its own, so ask again.
-                if kind != ResourceKind.VOLUME or time.monotonic() > deadline:
+                # Cinder refuses (400 "status must be available or error ...") any volume that is
+                # not at rest. Its status says why: still creating, attaching or detaching settles
+                # on its own, so ask again; `deleting` is Cinder at work (a delete sent before:
+                # wait with the others); `error_deleting` never settles without an admin.
+                if kind != ResourceKind.VOLUME:
                     raise
-                log.info("volume %s is busy, deleting it again shortly: %s", res_id, err.message)
+                status = self._volume_status(res_id)
+                if status in (None, "deleting"):
+                    break
+                if status == "error_deleting":
+                    raise Conflict(
+                        f"volume {res_id} is error_deleting: Cinder's backend failed to delete it "
+                        "and refuses to try again", resource=res_id, cloud=self.cloud.name,
+                        hint="Only the cloud's operators can reset it (Jetstream2: "
+                        "help@jetstream-cloud.org, with the volume id); it is then deleted by "
+                        "`slipstream reap --yes`.") from err
+                if time.monotonic() > deadline:
+                    raise
+                log.info("volume %s is %s, deleting it again shortly: %s", res_id, status, err.message)
                 time.sleep(VOLUME_RETRY_INTERVAL)
         self.ledger.record_deleted(self.cloud.name, kind, res_id)
         if self.on_event:
             self.on_event("deleted", HeldResource(kind, res_id, res_id))
+
+    def _volume_status(self, volume_id: str) -> str | None:
+        """The volume's status as Cinder lists it now (``None``: it is gone)."""
+        return next((v.status for v in self.cloud.list_volumes(run_id=self.owner.run_id)
+                     if v.id == volume_id), None)
 
     def _wait_servers_gone(self, server_ids: set[str]) -> None:
         wait_until_gone(

@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "contract"))
 
-from http_faults import canned, http_faults, rewritten
+from http_faults import CINDER_INVALID_VOLUME, canned, http_faults, rewritten
 from openstack_lab import (  # noqa: F401  (the fixtures register themselves by import)
     NO_HOST_FLAVOR,
     lab_admin_cloud_fixture,
@@ -37,16 +37,13 @@ from slipstream.cloud.fallback import Candidate, create_with_fallback
 from slipstream.cloud.models import ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
 from slipstream.jetstream2 import DEFAULT_IMAGE
-from slipstream.ownership.lease import Lease
+from slipstream.ownership.lease import Lease, teardown_run
 from slipstream.ownership.ledger import Ledger
 
 pytestmark = pytest.mark.lab
 S = ServerStatus
 #: Cinder's answer to deleting a volume that is still `creating` (cinder/volume/api.py, Zed).
-CINDER_BUSY = ("Invalid volume: Volume status must be available or error or error_restoring or "
-               "error_extending or error_managing and must not be migrating, attached, belong to a "
-               "group, have snapshots, awaiting a transfer, or be disassociated from snapshots after "
-               "volume transfer.")
+CINDER_BUSY = CINDER_INVALID_VOLUME
 
 
 @pytest.fixture
@@ -122,6 +119,47 @@ def test_a_volume_cinder_is_still_creating_is_deleted_once_it_may_be(lab_cloud, 
     assert len(busy.hits) >= 2, "refused once, then deleted"
     assert lease.proof.clean and not lease.proof.errors, lease.proof.summary()
     assert [d.id for d in lease.proof.deleted] == [volume.id]
+
+
+def _stuck_volumes(lab_cloud, owner, tmp_path, status: str, *, count: int, delete_timeout: float):
+    """Volumes the lease made, then held by Cinder in ``status`` while the lease tears down:
+    (the lease, the DELETE rule, seconds its teardown took). Really deleted afterwards."""
+    ledger = Ledger(tmp_path / "l.db")
+    try:
+        with http_faults(lab_cloud) as faults:
+            with Lease(lab_cloud, owner, ledger=ledger, delete_timeout=delete_timeout) as lease:
+                volumes = [lease.create_volume(f"stuck-{i}", 1) for i in range(count)]
+                for volume in volumes:
+                    _wait_available(lab_cloud, owner, volume.id)
+                stuck = faults.cinder_stuck({v.id for v in volumes}, status)
+                started = time.monotonic()
+            took = time.monotonic() - started
+    finally:  # Cinder recovers (the operator reset it): the run's volumes really go
+        assert teardown_run(lab_cloud, owner.run_id, ledger=ledger).clean
+    return lease, stuck, took
+
+
+def test_volumes_cinder_is_already_deleting_are_waited_for_together_not_one_by_one(lab_cloud, owner, tmp_path):
+    """A teardown run again (the reaper, a cancelled run's hook) finds volumes Cinder is still
+    deleting; Cinder refuses another delete of each. That refusal means "at work": each is asked
+    once, and all are waited for together for one delete_timeout — not retried one after another
+    for a delete_timeout each (eight stuck worker volumes: 40 minutes of teardown)."""
+    lease, stuck, took = _stuck_volumes(lab_cloud, owner, tmp_path, "deleting", count=3, delete_timeout=3)
+    assert len(stuck.hits) == 3, "one delete per volume: Cinder is already deleting them"
+    assert not lease.proof.clean
+    errors = " ".join(lease.proof.errors)
+    assert errors.count("(deleting)") == 3, errors
+    assert took < 2 * 3, f"one shared wait, not one per volume ({took:.1f} s)"
+
+
+def test_a_volume_stuck_in_error_deleting_is_reported_at_once_not_retried(lab_cloud, owner, tmp_path):
+    """`error_deleting`: Cinder's backend failed the delete and only an admin can reset it;
+    asking again for delete_timeout only delays the report that says so."""
+    lease, stuck, took = _stuck_volumes(lab_cloud, owner, tmp_path, "error_deleting", count=1, delete_timeout=20)
+    assert len(stuck.hits) == 1
+    text = " ".join(lease.proof.errors)
+    assert "error_deleting" in text and "reset" in text, text
+    assert took < 10, f"reported at once ({took:.1f} s)"
 
 
 def test_cinder_quota_is_a_quota_error_not_a_transient_one(lab_cloud, lease, owner):
