@@ -39,7 +39,7 @@ from enum import StrEnum
 from slipstream.cloud.errors import CloudError, Conflict, NotFound
 from slipstream.cloud.models import FloatingIP, Keypair, Ownership, Server, ServerSpec, Volume
 from slipstream.cloud.port import CloudProvider
-from slipstream.cloud.waiting import wait_until_gone
+from slipstream.cloud.waiting import observe, wait_until_gone
 from slipstream.ownership.ledger import Ledger, this_process
 from slipstream.retry import DEFAULT_RETRY, RetryPolicy, retry
 
@@ -56,7 +56,8 @@ class ResourceKind(StrEnum):
 #: Dependency order for deletion: addresses before the servers they point at, servers before the
 #: volumes attached to them, keypairs last (they cost nothing and help debugging until the end).
 TEARDOWN_ORDER = (ResourceKind.FLOATING_IP, ResourceKind.SERVER, ResourceKind.VOLUME, ResourceKind.KEYPAIR)
-#: Seconds between looks at a volume Cinder is still busy with (creating, detaching, deleting).
+#: Seconds between deletes of a volume Cinder is still busy with (creating, detaching) or of
+#: anything while the cloud answers 503/429 without saying how long to wait.
 VOLUME_RETRY_INTERVAL = 1.0
 
 
@@ -204,6 +205,7 @@ class Lease:
         errors: list[str] = []
         deleted: list[HeldResource] = []
         held_by_id = {(h.kind, h.id): h for h in self.held}
+        deadline = time.monotonic() + self.delete_timeout  # one for all deletes: an outage costs it once
         try:
             found = self.owned_now()
         except CloudError as err:  # listing failed: still delete what we know we hold
@@ -214,7 +216,7 @@ class Lease:
             accepted: set[str] = set()
             for res_id, name in targets.items():
                 try:
-                    self._delete(kind, res_id)
+                    self._delete(kind, res_id, deadline)
                     accepted.add(res_id)
                     deleted.append(held_by_id.get((kind, res_id), HeldResource(kind, res_id, name)))
                 except CloudError as err:
@@ -240,7 +242,9 @@ class Lease:
         (log.info if self.proof.clean else log.error)(self.proof.summary())
         return self.proof
 
-    def _delete(self, kind: ResourceKind, res_id: str) -> None:
+    def _delete(self, kind: ResourceKind, res_id: str, deadline: float | None = None) -> None:
+        """Delete one resource, riding out transient errors (and a volume Cinder is busy with)
+        until ``deadline`` (``time.monotonic()``; default: ``delete_timeout`` from now)."""
         delete = {
             ResourceKind.FLOATING_IP: self.cloud.delete_floating_ip,
             ResourceKind.SERVER: self.cloud.delete_server,
@@ -254,14 +258,14 @@ class Lease:
             except NotFound:
                 pass  # already gone: that is what we wanted
 
-        deadline = time.monotonic() + self.delete_timeout
+        deadline = deadline or time.monotonic() + self.delete_timeout
         while True:
-            try:
-                retry(
+            try:  # a 503/429 burst is ridden out until the deadline: giving up leaves it billing
+                observe(lambda: retry(
                     attempt,
                     self.retry_policy,
                     on_retry=lambda n, err, d: log.warning("retrying delete of %s %s (attempt %d): %s", kind, res_id, n, err),
-                )
+                ), deadline=deadline, poll_interval=VOLUME_RETRY_INTERVAL, what=f"deleting {kind} {res_id}")
                 break
             except Conflict as err:
                 # Cinder refuses (400 "status must be available or error ...") any volume that is

@@ -162,6 +162,24 @@ def test_a_volume_stuck_in_error_deleting_is_reported_at_once_not_retried(lab_cl
     assert took < 10, f"reported at once ({took:.1f} s)"
 
 
+def test_a_503_burst_during_teardown_is_ridden_out_and_the_proof_is_clean(lab_cloud, owner, tmp_path):
+    """The balancer answers 503 (no Retry-After) for 8 s just as the run ends: the deletes are
+    asked again until the lease's delete_timeout, not given up after the read retry's ~3 s
+    (which leaves the run's resources billing until someone runs the reaper)."""
+    ledger = Ledger(tmp_path / "l.db")
+    try:
+        with http_faults(lab_cloud) as faults:
+            with Lease(lab_cloud, owner, ledger=ledger, delete_timeout=60) as lease:
+                volume = lease.create_volume("weathered", 1)
+                _wait_available(lab_cloud, owner, volume.id)
+                burst = faults.burst("DELETE", r"/volumes/[0-9a-f-]{36}", seconds=8)
+        assert sum(t < burst.until for t in burst.hits) >= 2, "the deletes met the burst"
+        assert lease.proof.clean and not lease.proof.errors, (lease.proof.summary(), lease.proof.errors)
+        assert [d.id for d in lease.proof.deleted] == [volume.id]
+    finally:
+        assert teardown_run(lab_cloud, owner.run_id, ledger=ledger).clean
+
+
 def test_cinder_quota_is_a_quota_error_not_a_transient_one(lab_cloud, lease, owner):
     """Cinder answers quota with 413 *and* Retry-After: 0 (the lab's real answer)."""
     with pytest.raises(QuotaExceeded) as caught:
