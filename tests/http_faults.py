@@ -46,12 +46,28 @@ def canned(request: requests.PreparedRequest, status: int, body: dict | None = N
     """A response as the service would send it (JSON body, request id header)."""
     resp = requests.Response()
     resp.status_code = status
-    resp.reason = {202: "Accepted", 400: "Bad Request", 503: "Service Unavailable"}.get(status, "")
+    resp.reason = {202: "Accepted", 400: "Bad Request", 429: "Too Many Requests", 503: "Service Unavailable"}.get(status, "")
     resp.headers.update({"Content-Type": "application/json", "X-Openstack-Request-Id": "req-injected",
                          **(headers or {})})
     resp._content = json.dumps(body).encode() if body is not None else b""
     resp.encoding = "utf-8"
     resp.url, resp.request = request.url, request
+    return resp
+
+
+#: HAProxy's built-in error pages (src/http.c), the bodies a balancer answers with by itself.
+BALANCER_PAGES = {
+    429: "<html><body><h1>429 Too Many Requests</h1>\nYou have sent too many requests in a given "
+         "amount of time.\n</body></html>\n",
+    503: "<html><body><h1>503 Service Unavailable</h1>\nNo server is available to handle this "
+         "request.\n</body></html>\n",
+}
+
+
+def balancer_page(request: requests.PreparedRequest, status: int, headers: dict) -> requests.Response:
+    resp = canned(request, status, None, {"Content-Type": "text/html", "Cache-Control": "no-cache", **headers})
+    del resp.headers["X-Openstack-Request-Id"]
+    resp._content = BALANCER_PAGES.get(status, f"<html><body><h1>{status}</h1></body></html>\n").encode()
     return resp
 
 
@@ -103,13 +119,15 @@ class HttpFaults(HTTPAdapter):
     # the weather ----------------------------------------------------------------------------
     def burst(self, method: str, path: str, *, seconds: float, status: int = 503,
               retry_after: float | None = None) -> Rule:
-        """``status`` (as a load balancer sends it: no service body) for ``seconds`` from now."""
+        """``status`` for ``seconds`` from now, as the load balancer in front of the services
+        sends it (HAProxy's own HTML page, no OpenStack request id: the request never reached
+        the service)."""
         until = time.monotonic() + seconds
         headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
 
         def respond(request, forward):
             if time.monotonic() < until:
-                return canned(request, status, {"message": "Service Unavailable"}, headers)
+                return balancer_page(request, status, headers)
             return forward()
 
         rule = self.add(method, path, respond)
