@@ -30,6 +30,14 @@ from requests.adapters import HTTPAdapter
 
 Forward = Callable[[], requests.Response]
 VOLUME = r"/volumes/[0-9a-f-]{36}(\?|$)"  # one volume (the SDK adds ?cascade=...&force=...)
+VOLUME_READS = rf"/volumes(/detail)?(\?|$)|{VOLUME}"
+#: Cinder's answer to deleting a volume whose status is not available/error/... (``creating``,
+#: ``deleting``, ``error_deleting``): ``InvalidVolume`` from cinder/volume/api.py's delete (Zed).
+CINDER_INVALID_VOLUME = (
+    "Invalid volume: Volume status must be available or error or error_restoring or "
+    "error_extending or error_managing and must not be migrating, attached, belong to a "
+    "group, have snapshots, awaiting a transfer, or be disassociated from snapshots after "
+    "volume transfer.")
 Responder = Callable[[requests.PreparedRequest, Forward], requests.Response]
 
 
@@ -38,12 +46,28 @@ def canned(request: requests.PreparedRequest, status: int, body: dict | None = N
     """A response as the service would send it (JSON body, request id header)."""
     resp = requests.Response()
     resp.status_code = status
-    resp.reason = {202: "Accepted", 400: "Bad Request", 503: "Service Unavailable"}.get(status, "")
+    resp.reason = {202: "Accepted", 400: "Bad Request", 429: "Too Many Requests", 503: "Service Unavailable"}.get(status, "")
     resp.headers.update({"Content-Type": "application/json", "X-Openstack-Request-Id": "req-injected",
                          **(headers or {})})
     resp._content = json.dumps(body).encode() if body is not None else b""
     resp.encoding = "utf-8"
     resp.url, resp.request = request.url, request
+    return resp
+
+
+#: HAProxy's built-in error pages (src/http.c), the bodies a balancer answers with by itself.
+BALANCER_PAGES = {
+    429: "<html><body><h1>429 Too Many Requests</h1>\nYou have sent too many requests in a given "
+         "amount of time.\n</body></html>\n",
+    503: "<html><body><h1>503 Service Unavailable</h1>\nNo server is available to handle this "
+         "request.\n</body></html>\n",
+}
+
+
+def balancer_page(request: requests.PreparedRequest, status: int, headers: dict) -> requests.Response:
+    resp = canned(request, status, None, {"Content-Type": "text/html", "Cache-Control": "no-cache", **headers})
+    del resp.headers["X-Openstack-Request-Id"]
+    resp._content = BALANCER_PAGES.get(status, f"<html><body><h1>{status}</h1></body></html>\n").encode()
     return resp
 
 
@@ -95,13 +119,15 @@ class HttpFaults(HTTPAdapter):
     # the weather ----------------------------------------------------------------------------
     def burst(self, method: str, path: str, *, seconds: float, status: int = 503,
               retry_after: float | None = None) -> Rule:
-        """``status`` (as a load balancer sends it: no service body) for ``seconds`` from now."""
+        """``status`` for ``seconds`` from now, as the load balancer in front of the services
+        sends it (HAProxy's own HTML page, no OpenStack request id: the request never reached
+        the service)."""
         until = time.monotonic() + seconds
         headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
 
         def respond(request, forward):
             if time.monotonic() < until:
-                return canned(request, status, {"message": "Service Unavailable"}, headers)
+                return balancer_page(request, status, headers)
             return forward()
 
         rule = self.add(method, path, respond)
@@ -117,6 +143,8 @@ class HttpFaults(HTTPAdapter):
 
         def delete(request, forward):
             volume_id = _volume_id(request)
+            if volume_id in pending:  # Cinder refuses a second delete of a `deleting` volume
+                return _invalid_volume(request)
             pending.add(volume_id)
 
             def later() -> None:
@@ -136,10 +164,24 @@ class HttpFaults(HTTPAdapter):
 
         listed_deleting: list[str] = []
         rule = self.add("DELETE", VOLUME, delete)
-        self.add("GET", rf"/volumes(/detail)?(\?|$)|{VOLUME}",
-                 lambda request, forward: rewritten(forward(), show_deleting))
+        self.add("GET", VOLUME_READS, lambda request, forward: rewritten(forward(), show_deleting))
         rule.listed_deleting = listed_deleting  # type: ignore[attr-defined]
         rule.timers = timers  # type: ignore[attr-defined]
+        return rule
+
+    def cinder_stuck(self, volume_ids: set[str], status: str) -> Rule:
+        """Volumes Cinder holds in ``status`` for the rest of the block — ``deleting`` on a hung
+        backend, ``error_deleting`` after the backend failed the delete (only an admin's
+        reset-state gets either out): listings show the status and every DELETE of them is refused
+        with 400 ``InvalidVolume``, as cinder-api refuses any volume not available or error."""
+        def show(body: dict) -> None:
+            for volume in body.get("volumes", []) + ([body["volume"]] if "volume" in body else []):
+                if volume.get("id") in volume_ids:
+                    volume["status"] = status
+
+        rule = self.add("DELETE", VOLUME, lambda request, forward: _invalid_volume(request)
+                        if _volume_id(request) in volume_ids else forward())
+        self.add("GET", VOLUME_READS, lambda request, forward: rewritten(forward(), show))
         return rule
 
     def cinder_busy_once(self, message: str) -> Rule:
@@ -170,6 +212,10 @@ class HttpFaults(HTTPAdapter):
 
         return self.add("GET", r"/servers/detail|/servers/[0-9a-f-]{36}$",
                         lambda request, forward: rewritten(forward(), edit))
+
+
+def _invalid_volume(request: requests.PreparedRequest) -> requests.Response:
+    return canned(request, 400, {"badRequest": {"code": 400, "message": CINDER_INVALID_VOLUME}})
 
 
 def _volume_id(request: requests.PreparedRequest) -> str:

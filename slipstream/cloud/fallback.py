@@ -118,42 +118,44 @@ def _prepare_regions(spec: ServerSpec, candidates: Sequence[Candidate]) -> None:
 
     Keypairs, security groups and networks belong to one region. The run's own keypair
     (``Lease.create_keypair``) is imported into each region that lacks it, through that region's
-    lease (so it is owned and deleted with the run); anything else missing in a region is refused
-    here, naming the region, rather than after capacity failed somewhere else.
+    lease (so it is owned and deleted with the run); anything else missing in a region — a
+    group, a network, the user's own keypair — is refused here, naming the region, rather than
+    after capacity failed somewhere else.
     """
     leases = list({id(c.lease): c.lease for c in candidates}.values())
     if len({id(lease.cloud) for lease in leases}) < 2:
         return  # one region: the spec was made for it
     for lease in leases:
-        check = getattr(lease.cloud, "check_spec_resources", None)  # OpenStack: groups, network
+        runs_key = spec.key_name == Keypair.name_for_run(lease.owner.run_id)
+        check = getattr(lease.cloud, "check_spec_resources", None)  # OpenStack: groups, network, key
         if check is not None:
             try:
-                check(spec)
+                check(replace(spec, key_name=None) if runs_key else spec)  # the run's key is carried
             except InvalidRequest as err:
                 raise InvalidRequest(
                     f"cannot fall back to {lease.cloud.name}: {err.message}",
                     resource=spec.name, cloud=lease.cloud.name,
-                    hint="Security groups and networks belong to one region: make them there too "
-                    "(or pass names that exist in every region), or leave that region out.",
+                    hint="Keypairs, security groups and networks belong to one region: make them "
+                    "there too (or pass names that exist in every region), or leave that region out.",
                 ) from err
-        if spec.key_name:
+        if runs_key:
             _carry_keypair(spec.key_name, lease, leases)
 
 
 def _carry_keypair(key_name: str, lease: Lease, leases: list[Lease]) -> None:
+    """Import the run's keypair ``key_name`` into ``lease``'s region if it is not there yet."""
     run_id = lease.owner.run_id
     if any(k.name == key_name for k in lease.cloud.list_keypairs(run_id=run_id)):
         return
     public_key = next((k.public_key for other in leases if other is not lease
                        for k in other.cloud.list_keypairs(run_id=other.owner.run_id)
                        if k.name == key_name and k.public_key), None)
-    if key_name != Keypair.name_for_run(run_id) or public_key is None:
+    if public_key is None:
         raise InvalidRequest(
-            f"keypair {key_name!r} is not in {lease.cloud.name}, and slipstream can only carry the "
-            "run's own keypair to another region",
+            f"the run's keypair {key_name!r} is in none of the regions, so it cannot be carried "
+            f"to {lease.cloud.name}",
             resource=key_name, cloud=lease.cloud.name,
-            hint="Make the key with Lease.create_keypair (it is then imported wherever the "
-            "fallback goes), import yours in every region, or leave that region out.",
+            hint="Make the key with Lease.create_keypair before the fallback.",
         )
     log.info("importing keypair %s into %s for the fallback", key_name, lease.cloud.name)
     lease.create_keypair(public_key)

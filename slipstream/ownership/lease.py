@@ -17,8 +17,9 @@ Guarantees:
   the run owns on the cloud (what this lease created, and anything else tagged with its run id)
   is deleted in dependency order (floating IPs, servers, volumes, keypairs), each delete retried
   on transient errors (a volume Cinder is still busy with — creating, detaching — until
-  ``delete_timeout``), "already gone" counted as done, and servers' and volumes' asynchronous
-  deletes waited for;
+  ``delete_timeout``; one already ``deleting`` waited for with the rest; one ``error_deleting``
+  reported at once, since only an admin can reset it), "already gone" counted as done, and
+  servers' and volumes' asynchronous deletes waited for;
 - :attr:`Lease.proof` then lists, by run id, every kind of resource on the cloud. An empty
   listing is the proof that nothing is left to charge the allocation.
 
@@ -45,7 +46,7 @@ from enum import StrEnum
 from slipstream.cloud.errors import CloudError, Conflict, NotFound
 from slipstream.cloud.models import FloatingIP, Keypair, LeaseRenewal, Ownership, Server, ServerSpec, Volume
 from slipstream.cloud.port import CloudProvider
-from slipstream.cloud.waiting import wait_until_gone
+from slipstream.cloud.waiting import observe, wait_until_gone
 from slipstream.ownership.ledger import LeaseRenewalRecord, Ledger, this_process
 from slipstream.retry import DEFAULT_RETRY, RetryPolicy, retry
 
@@ -69,7 +70,8 @@ class ResourceKind(StrEnum):
 #: Dependency order for deletion: addresses before the servers they point at, servers before the
 #: volumes attached to them, keypairs last (they cost nothing and help debugging until the end).
 TEARDOWN_ORDER = (ResourceKind.FLOATING_IP, ResourceKind.SERVER, ResourceKind.VOLUME, ResourceKind.KEYPAIR)
-#: Seconds between looks at a volume Cinder is still busy with (creating, detaching, deleting).
+#: Seconds between deletes of a volume Cinder is still busy with (creating, detaching) or of
+#: anything while the cloud answers 503/429 without saying how long to wait.
 VOLUME_RETRY_INTERVAL = 1.0
 
 
@@ -240,6 +242,7 @@ class Lease:
         errors: list[str] = []
         deleted: list[HeldResource] = []
         held_by_id = {(h.kind, h.id): h for h in self.held}
+        deadline = time.monotonic() + self.delete_timeout  # one for all deletes: an outage costs it once
         try:
             found = self.owned_now()
         except CloudError as err:  # listing failed: still delete what we know we hold
@@ -250,7 +253,7 @@ class Lease:
             accepted: set[str] = set()
             for res_id, name in targets.items():
                 try:
-                    self._delete(kind, res_id)
+                    self._delete(kind, res_id, deadline)
                     accepted.add(res_id)
                     deleted.append(held_by_id.get((kind, res_id), HeldResource(kind, res_id, name)))
                 except CloudError as err:
@@ -276,7 +279,9 @@ class Lease:
         (log.info if self.proof.clean else log.error)(self.proof.summary())
         return self.proof
 
-    def _delete(self, kind: ResourceKind, res_id: str) -> None:
+    def _delete(self, kind: ResourceKind, res_id: str, deadline: float | None = None) -> None:
+        """Delete one resource, riding out transient errors (and a volume Cinder is busy with)
+        until ``deadline`` (``time.monotonic()``; default: ``delete_timeout`` from now)."""
         delete = {
             ResourceKind.FLOATING_IP: self.cloud.delete_floating_ip,
             ResourceKind.SERVER: self.cloud.delete_server,
@@ -290,25 +295,44 @@ class Lease:
             except NotFound:
                 pass  # already gone: that is what we wanted
 
-        deadline = time.monotonic() + self.delete_timeout
+        deadline = deadline or time.monotonic() + self.delete_timeout
         while True:
-            try:
-                retry(
+            try:  # a 503/429 burst is ridden out until the deadline: giving up leaves it billing
+                observe(lambda: retry(
                     attempt,
                     self.retry_policy,
                     on_retry=lambda n, err, d: log.warning("retrying delete of %s %s (attempt %d): %s", kind, res_id, n, err),
-                )
+                ), deadline=deadline, poll_interval=VOLUME_RETRY_INTERVAL, what=f"deleting {kind} {res_id}")
                 break
             except Conflict as err:
-                # Cinder refuses (400 "status must be available or error ...") a volume that is
-                # still creating, attaching or detaching; it settles on its own, so ask again.
-                if kind != ResourceKind.VOLUME or time.monotonic() > deadline:
+                # Cinder refuses (400 "status must be available or error ...") any volume that is
+                # not at rest. Its status says why: still creating, attaching or detaching settles
+                # on its own, so ask again; `deleting` is Cinder at work (a delete sent before:
+                # wait with the others); `error_deleting` never settles without an admin.
+                if kind != ResourceKind.VOLUME:
                     raise
-                log.info("volume %s is busy, deleting it again shortly: %s", res_id, err.message)
+                status = self._volume_status(res_id)
+                if status in (None, "deleting"):
+                    break
+                if status == "error_deleting":
+                    raise Conflict(
+                        f"volume {res_id} is error_deleting: Cinder's backend failed to delete it "
+                        "and refuses to try again", resource=res_id, cloud=self.cloud.name,
+                        hint="Only the cloud's operators can reset it (Jetstream2: "
+                        "help@jetstream-cloud.org, with the volume id); it is then deleted by "
+                        "`slipstream reap --yes`.") from err
+                if time.monotonic() > deadline:
+                    raise
+                log.info("volume %s is %s, deleting it again shortly: %s", res_id, status, err.message)
                 time.sleep(VOLUME_RETRY_INTERVAL)
         self.ledger.record_deleted(self.cloud.name, kind, res_id)
         if self.on_event:
             self.on_event("deleted", HeldResource(kind, res_id, res_id))
+
+    def _volume_status(self, volume_id: str) -> str | None:
+        """The volume's status as Cinder lists it now (``None``: it is gone)."""
+        return next((v.status for v in self.cloud.list_volumes(run_id=self.owner.run_id)
+                     if v.id == volume_id), None)
 
     def _wait_servers_gone(self, server_ids: set[str]) -> None:
         wait_until_gone(

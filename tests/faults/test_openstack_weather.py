@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "contract"))
 
-from http_faults import canned, http_faults, rewritten
+from http_faults import CINDER_INVALID_VOLUME, canned, http_faults, rewritten
 from openstack_lab import (  # noqa: F401  (the fixtures register themselves by import)
     NO_HOST_FLAVOR,
     lab_admin_cloud_fixture,
@@ -37,16 +37,13 @@ from slipstream.cloud.fallback import Candidate, create_with_fallback
 from slipstream.cloud.models import ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
 from slipstream.jetstream2 import DEFAULT_IMAGE
-from slipstream.ownership.lease import Lease
+from slipstream.ownership.lease import Lease, teardown_run
 from slipstream.ownership.ledger import Ledger
 
 pytestmark = pytest.mark.lab
 S = ServerStatus
 #: Cinder's answer to deleting a volume that is still `creating` (cinder/volume/api.py, Zed).
-CINDER_BUSY = ("Invalid volume: Volume status must be available or error or error_restoring or "
-               "error_extending or error_managing and must not be migrating, attached, belong to a "
-               "group, have snapshots, awaiting a transfer, or be disassociated from snapshots after "
-               "volume transfer.")
+CINDER_BUSY = CINDER_INVALID_VOLUME
 
 
 @pytest.fixture
@@ -122,6 +119,65 @@ def test_a_volume_cinder_is_still_creating_is_deleted_once_it_may_be(lab_cloud, 
     assert len(busy.hits) >= 2, "refused once, then deleted"
     assert lease.proof.clean and not lease.proof.errors, lease.proof.summary()
     assert [d.id for d in lease.proof.deleted] == [volume.id]
+
+
+def _stuck_volumes(lab_cloud, owner, tmp_path, status: str, *, count: int, delete_timeout: float):
+    """Volumes the lease made, then held by Cinder in ``status`` while the lease tears down:
+    (the lease, the DELETE rule, seconds its teardown took). Really deleted afterwards."""
+    ledger = Ledger(tmp_path / "l.db")
+    try:
+        with http_faults(lab_cloud) as faults:
+            with Lease(lab_cloud, owner, ledger=ledger, delete_timeout=delete_timeout) as lease:
+                volumes = [lease.create_volume(f"stuck-{i}", 1) for i in range(count)]
+                for volume in volumes:
+                    _wait_available(lab_cloud, owner, volume.id)
+                stuck = faults.cinder_stuck({v.id for v in volumes}, status)
+                started = time.monotonic()
+            took = time.monotonic() - started
+    finally:  # Cinder recovers (the operator reset it): the run's volumes really go
+        assert teardown_run(lab_cloud, owner.run_id, ledger=ledger).clean
+    return lease, stuck, took
+
+
+def test_volumes_cinder_is_already_deleting_are_waited_for_together_not_one_by_one(lab_cloud, owner, tmp_path):
+    """A teardown run again (the reaper, a cancelled run's hook) finds volumes Cinder is still
+    deleting; Cinder refuses another delete of each. That refusal means "at work": each is asked
+    once, and all are waited for together for one delete_timeout — not retried one after another
+    for a delete_timeout each (eight stuck worker volumes: 40 minutes of teardown)."""
+    lease, stuck, took = _stuck_volumes(lab_cloud, owner, tmp_path, "deleting", count=3, delete_timeout=3)
+    assert len(stuck.hits) == 3, "one delete per volume: Cinder is already deleting them"
+    assert not lease.proof.clean
+    errors = " ".join(lease.proof.errors)
+    assert errors.count("(deleting)") == 3, errors
+    assert took < 2 * 3, f"one shared wait, not one per volume ({took:.1f} s)"
+
+
+def test_a_volume_stuck_in_error_deleting_is_reported_at_once_not_retried(lab_cloud, owner, tmp_path):
+    """`error_deleting`: Cinder's backend failed the delete and only an admin can reset it;
+    asking again for delete_timeout only delays the report that says so."""
+    lease, stuck, took = _stuck_volumes(lab_cloud, owner, tmp_path, "error_deleting", count=1, delete_timeout=20)
+    assert len(stuck.hits) == 1
+    text = " ".join(lease.proof.errors)
+    assert "error_deleting" in text and "reset" in text, text
+    assert took < 10, f"reported at once ({took:.1f} s)"
+
+
+def test_a_503_burst_during_teardown_is_ridden_out_and_the_proof_is_clean(lab_cloud, owner, tmp_path):
+    """The balancer answers 503 (no Retry-After) for 8 s just as the run ends: the deletes are
+    asked again until the lease's delete_timeout, not given up after the read retry's ~3 s
+    (which leaves the run's resources billing until someone runs the reaper)."""
+    ledger = Ledger(tmp_path / "l.db")
+    try:
+        with http_faults(lab_cloud) as faults:
+            with Lease(lab_cloud, owner, ledger=ledger, delete_timeout=60) as lease:
+                volume = lease.create_volume("weathered", 1)
+                _wait_available(lab_cloud, owner, volume.id)
+                burst = faults.burst("DELETE", r"/volumes/[0-9a-f-]{36}", seconds=8)
+        assert sum(t < burst.until for t in burst.hits) >= 2, "the deletes met the burst"
+        assert lease.proof.clean and not lease.proof.errors, (lease.proof.summary(), lease.proof.errors)
+        assert [d.id for d in lease.proof.deleted] == [volume.id]
+    finally:
+        assert teardown_run(lab_cloud, owner.run_id, ledger=ledger).clean
 
 
 def test_cinder_quota_is_a_quota_error_not_a_transient_one(lab_cloud, lease, owner):
@@ -293,6 +349,55 @@ def test_fallback_to_a_region_without_the_key_imports_the_runs_key_there(lab_clo
         assert "keypair" in {d.kind.value for d in there.proof.deleted}
     finally:
         other.reset()
+
+
+def test_fallback_with_the_users_own_key_in_every_region_is_not_refused(lab_cloud, owner, no_host_flavor, tmp_path):
+    """A researcher's own keypair (imported by hand into each region, not slipstream's) is in both
+    regions: the fallback goes ahead instead of calling it missing, and touches neither copy."""
+    local = pytest.importorskip("slipstream.cloud.local")
+    other = local.LocalCloud(options=local.LocalCloudOptions(home=tmp_path / "other-region", boot_delay=0.2,
+                                                              stop_grace=0.5))
+    public_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl mine@test"
+    mine = f"my-laptop-{uuid.uuid4().hex[:8]}"
+    lab_cloud.conn.compute.create_keypair(name=mine, public_key=public_key)  # as `openstack keypair create`
+    other.create_keypair(mine, public_key)
+    ledger = Ledger(tmp_path / "l.db")
+    try:
+        with Lease(lab_cloud, owner, ledger=ledger, delete_timeout=120) as here, \
+                Lease(other, owner, ledger=ledger, delete_timeout=60) as there:
+            result = create_with_fallback(
+                ServerSpec("mine", no_host_flavor, DEFAULT_IMAGE, key_name=mine),
+                [Candidate(here, no_host_flavor), Candidate(there, "m3.tiny")],
+                boot_timeout=120, poll_interval=0.5)
+            assert result.candidate.lease is there and result.servers[0].key_name == mine
+        assert here.proof.clean and there.proof.clean, (here.proof.summary(), there.proof.summary())
+        assert lab_cloud.conn.compute.find_keypair(mine) is not None, "the user's own key is left alone"
+    finally:
+        lab_cloud.conn.compute.delete_keypair(mine, ignore_missing=True)
+        other.reset()
+
+
+def test_fallback_to_a_region_without_the_users_own_key_is_refused_naming_it(lab_cloud, owner, tiny, tmp_path):
+    """The user's own key exists only in the first region: refused up front, naming key and region."""
+    local = pytest.importorskip("slipstream.cloud.local")
+    first = local.LocalCloud(options=local.LocalCloudOptions(
+        home=tmp_path / "first-region", boot_delay=0.2, stop_grace=0.5,
+        faults=local.FaultOptions(no_capacity=("g3.large",))))
+    mine = f"my-laptop-{uuid.uuid4().hex[:8]}"
+    first.create_keypair(mine, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl a@b")
+    ledger = Ledger(tmp_path / "l.db")
+    try:
+        with Lease(first, owner, ledger=ledger) as there, \
+                Lease(lab_cloud, owner, ledger=ledger, delete_timeout=120) as here:
+            with pytest.raises(InvalidRequest) as caught:
+                create_with_fallback(
+                    ServerSpec("mine", "g3.large", DEFAULT_IMAGE, key_name=mine),
+                    [Candidate(there, "g3.large"), Candidate(here, tiny)],
+                    boot_timeout=120, poll_interval=0.5)
+        assert f"cannot fall back to {lab_cloud.name}" in str(caught.value) and mine in str(caught.value)
+        assert first.server_history(owner.run_id) == [], "nothing was tried before the refusal"
+    finally:
+        first.reset()
 
 
 def test_fallback_to_a_region_without_the_security_group_is_refused_before_anything_is_tried(

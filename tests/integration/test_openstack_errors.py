@@ -237,6 +237,19 @@ def test_a_503_carries_how_long_the_cloud_asked_to_wait(headers, seconds):
         assert mapped.retry_after == seconds
 
 
+@pytest.mark.parametrize("value", [
+    "Thu, 01 Jan 2099 00:00:00 -0000",  # RFC 5322's "zone unknown": Python parses it without a zone
+    "Thu, 01 Jan 2099 00:00:00",  # a balancer that leaves the zone out
+    "-5", "nan", "inf", "  ", "soon", "Thu, 01 Jan 1970 00:00:00 GMT",
+])
+def test_an_odd_retry_after_is_still_a_transient_error(value):
+    """Whatever a broken balancer writes in Retry-After, a 503 stays a TransientError (never a
+    crash while mapping it) and the pause it asks for is a finite positive number or nothing."""
+    mapped = translate(sdk_error(503, {}, {"Retry-After": value}), "listing servers", None, "lab:IU")
+    assert type(mapped) is TransientError
+    assert mapped.retry_after is None or 0 < mapped.retry_after < float("inf")
+
+
 def test_retries_wait_as_long_as_the_cloud_asked_and_no_longer_than_the_cap():
     from slipstream.retry import MAX_RETRY_AFTER, RetryPolicy, retry
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from keystoneauth1 import exceptions as ks_exc
 
-from slipstream.cloud.errors import CloudError, NotFound
+from slipstream.cloud.errors import CloudError, InvalidRequest, NotFound
 from slipstream.cloud.models import ServerSpec
 from slipstream.cloud.openstack.leases import LeaseOperations
 from slipstream.cloud.openstack.network import NetworkOperations
@@ -26,8 +26,16 @@ class OpenStackCloud(ServerOperations, NetworkOperations, StorageOperations, Lea
     """
 
     def check_spec_resources(self, spec: ServerSpec) -> None:
-        """Raise :class:`InvalidRequest` if ``spec``'s security groups or network are not in this
-        region (a fallback asks before it tries; ``auto_allocated_network`` is made if missing)."""
+        """Raise :class:`InvalidRequest` if ``spec``'s keypair, security groups or network are not
+        in this region (a fallback asks before it tries; ``auto_allocated_network`` is made if
+        missing). Any keypair counts, not only slipstream's: a user may import theirs everywhere."""
+        if spec.key_name and not self._call(
+            "looking up a keypair", lambda: self.conn.compute.find_keypair(spec.key_name), spec.key_name
+        ):
+            raise InvalidRequest(
+                f"keypair {spec.key_name!r} does not exist", resource=spec.key_name, cloud=self.name,
+                hint="`openstack keypair list` shows yours; keypairs belong to one region.",
+            )
         for group in spec.security_groups:
             self.security_group_id(group)
         self._network_id(spec.network)

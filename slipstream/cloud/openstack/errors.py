@@ -23,6 +23,7 @@ but already used 0 of 20 cores") but never request bodies, so never a secret.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -91,7 +92,8 @@ def _status(err: BaseException) -> int | None:
 
 
 def retry_after(err: BaseException) -> float | None:
-    """Seconds from the response's ``Retry-After`` (a number or an HTTP date), if it gave one > 0."""
+    """Seconds from the response's ``Retry-After`` (a number or an HTTP date), if it gave a finite
+    one > 0; anything else a balancer may write there counts as not said."""
     value = (getattr(getattr(err, "response", None), "headers", None) or {}).get("Retry-After")
     if not value:
         return None
@@ -102,8 +104,10 @@ def retry_after(err: BaseException) -> float | None:
             when = parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
+        if when.tzinfo is None:  # "-0000" or no zone at all: HTTP dates are always GMT
+            when = when.replace(tzinfo=UTC)
         seconds = (when - datetime.now(UTC)).total_seconds()
-    return seconds if seconds > 0 else None
+    return seconds if 0 < seconds < math.inf else None
 
 
 def _transient(make: Callable[..., CloudError], err: BaseException) -> CloudError:
