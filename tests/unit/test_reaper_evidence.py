@@ -18,6 +18,7 @@ from slipstream.cloud.local.processes import proc_stat
 from slipstream.cloud.models import LeaseRenewal, Ownership, ServerSpec
 from slipstream.cloud.waiting import wait_for_servers
 from slipstream.ownership.ledger import Ledger, RunProcess
+from slipstream.ownership.lease import teardown_run
 from slipstream.ownership.reaper import PrefectRun, RunResolver, RunState, Timing, Verdict, reap
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE7x0Ff0Hnm3zQPMjLeCzLWV1dNfmSbEW9FbgpmPZx0X evidence-test"
@@ -144,3 +145,31 @@ def test_a_users_own_slipstream_named_keypair_is_never_owned_or_reaped(local_clo
     assert report.verdicts == []
     for name in ("slipstream-laptop", "slipstream-0f0f", "slipstream-" + "A" * 32, "slipstream-" + "0" * 32 + "x"):
         local_cloud.delete_keypair(name)  # still there: deleting succeeds
+
+
+def tamper(cloud, table: str, resource_id: str, **metadata: str) -> None:
+    """What a teammate's ``openstack server set --property`` / ``volume set --property`` does:
+    rewrite slipstream's keys on one resource (LocalCloud has no API for it, so its store)."""
+    import json
+
+    with cloud._store.write() as con:
+        (raw,) = con.execute(f"SELECT metadata FROM {table} WHERE id = ?", (resource_id,)).fetchone()
+        keys = {f"slipstream:{k}": v for k, v in metadata.items()}
+        con.execute(f"UPDATE {table} SET metadata = ? WHERE id = ?", (json.dumps({**json.loads(raw), **keys}),
+                                                                      resource_id))
+
+
+def test_a_tampered_renewal_stamp_neither_stops_the_reaper_nor_counts_as_a_renewal(local_cloud, ledger):
+    """A renewal time without a zone (hand-edited metadata) next to a real renewal used to compare
+    naive with aware datetimes and stop the whole pass with a TypeError, for every run in the project."""
+    run = run_with_resources(local_cloud)
+    volume = local_cloud.create_volume("scratch", 1, run)
+    now = datetime.now(UTC)
+    assert local_cloud.renew_lease(run.run_id, LeaseRenewal(now + timedelta(hours=3), now, "worker-b", 7),
+                                   due_before=now + timedelta(hours=3)) == 2
+    tamper(local_cloud, "volumes", volume.id, renewed_at="2026-01-01T00:00:00", renewed_by="mallory")
+    gone_process_here(ledger, run.run_id)  # so only the renewal from worker-b keeps the run
+    report = reap(local_cloud, RunResolver(ledger.run_processes()), grace=NO_GRACE, act=True, ledger=ledger)
+    (verdict,) = report.verdicts
+    assert verdict.verdict == Verdict.KEEP and "renewed by worker-b" in verdict.status.basis
+    teardown_run(local_cloud, run.run_id)
