@@ -12,7 +12,9 @@ evidence, in this order:
    → LIVE, except:
 
    - its heartbeat (:mod:`slipstream.ownership.heartbeat`) stopped more than ``STALE_AFTER`` ago
-     (its host died with it) → CRASHED;
+     (its host died with it) → CRASHED, unless its lease is held elsewhere (below): the beat and
+     the renewal run on threads of their own, so a beat thread that died, events Prefect lost, or
+     a sender whose clock is behind must not outweigh an unexpired renewal → LIVE until it expires;
    - a *fresh* heartbeat wins over this host's process table (a retry picked up by a worker on
      another host beats while this host's process is gone) → LIVE; unless that beat came from
      one of this host's recorded processes of the run, which are all gone;
@@ -160,8 +162,10 @@ class RunResolver:
             return RunStatus(state, f"Prefect: {name}", prefect.ended_at)
         beat = prefect.last_heartbeat
         if beat is not None and datetime.now(UTC) - beat > STALE_AFTER:
-            return RunStatus(RunState.CRASHED, f"Prefect says {name} but its heartbeat "
-                             f"stopped at {beat:%Y-%m-%d %H:%M:%S} UTC", beat)
+            stopped = f"Prefect says {name} but its heartbeat stopped at {beat:%Y-%m-%d %H:%M:%S} UTC"
+            if elsewhere:  # the renewals go on a thread of their own: the beat alone died, or was lost
+                return RunStatus(RunState.LIVE, f"{stopped}; {elsewhere}")
+            return RunStatus(RunState.CRASHED, stopped, beat)
         beat_explained_here = local_and_gone and self._one_of(prefect.heartbeat_host, prefect.heartbeat_pid, procs)
         if beat is not None and not beat_explained_here:  # a fresh beat wins over this host's processes
             sender = f" from {prefect.heartbeat_host}" if prefect.heartbeat_host else ""

@@ -173,3 +173,42 @@ def test_a_tampered_renewal_stamp_neither_stops_the_reaper_nor_counts_as_a_renew
     (verdict,) = report.verdicts
     assert verdict.verdict == Verdict.KEEP and "renewed by worker-b" in verdict.status.basis
     teardown_run(local_cloud, run.run_id)
+
+
+@pytest.mark.parametrize("renewed_ago", [timedelta(minutes=1), timedelta(minutes=12)])
+def test_a_stopped_heartbeat_does_not_outweigh_a_lease_renewed_elsewhere(local_cloud, ledger, renewed_ago):
+    """The beat and the lease renewal are separate threads: the beat's may die (or its events be
+    lost, or its host's clock lag) while the work and its renewals go on. An unexpired renewal by
+    a process other than this host's dead one keeps the run until that lease runs out; before,
+    the stale beat alone made it CRASHED and a grace-0 pass deleted it."""
+    run = run_with_resources(local_cloud, lease=timedelta(minutes=5))
+    now = datetime.now(UTC)
+    renewal = LeaseRenewal(now - renewed_ago + timedelta(minutes=30), now - renewed_ago, "worker-b", 4242)
+    assert local_cloud.renew_lease(run.run_id, renewal, due_before=renewal.expires_at) == 1
+    silent = PrefectRun("RUNNING", "Running", last_heartbeat=now - timedelta(minutes=6), heartbeat_host="worker-b",
+                        heartbeat_pid=4242)
+    report = reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=lambda r: silent),
+                  grace=NO_GRACE, act=True, ledger=ledger)
+    (verdict,) = report.verdicts
+    assert verdict.status.state == RunState.LIVE and "heartbeat stopped" in verdict.status.basis
+    assert "renewed by worker-b" in verdict.status.basis
+    assert verdict.verdict == Verdict.KEEP and kinds_left(local_cloud, run.run_id) == ["keypair", "server"]
+
+    # When that lease runs out too, the run is reaped (the run is not positively dead: key kept).
+    report = reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=lambda r: silent),
+                  grace=NO_GRACE, act=True, ledger=ledger, now=renewal.expires_at + timedelta(seconds=1))
+    assert report.proofs[run.run_id].clean and kinds_left(local_cloud, run.run_id) == ["keypair"]
+    local_cloud.delete_keypair(f"slipstream-{run.run_id}")
+
+
+def test_a_stopped_heartbeat_with_no_renewal_elsewhere_is_still_a_crash(local_cloud, ledger):
+    run = run_with_resources(local_cloud)
+    dead_pid = gone_process_here(ledger, run.run_id)
+    now = datetime.now(UTC)
+    mine = LeaseRenewal(now + timedelta(minutes=29), now - timedelta(minutes=1), HERE, dead_pid)
+    local_cloud.renew_lease(run.run_id, mine, due_before=mine.expires_at)  # renewed by the dead process itself
+    silent = PrefectRun("RUNNING", "Running", last_heartbeat=now - timedelta(minutes=6))
+    report = reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=lambda r: silent),
+                  grace=NO_GRACE, act=True, ledger=ledger)
+    assert report.verdicts[0].status.state == RunState.CRASHED and report.proofs[run.run_id].clean
+    assert kinds_left(local_cloud, run.run_id) == []
