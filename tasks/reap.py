@@ -78,7 +78,8 @@ def prefect_lookup(client) -> PrefectLookup:
 
 
 def last_heartbeat(client, run_id: str) -> tuple[datetime | None, str | None, int | None]:
-    """When the run last beat, from which host and process: slipstream's own heartbeat
+    """When the run last beat (by the later of its sender's and the Prefect server's clocks),
+    from which host and process: slipstream's own heartbeat
     (``tasks/heartbeat.py``, whose payload names them) or the one a Prefect runner sends with
     ``PREFECT_RUNNER_HEARTBEAT_FREQUENCY`` set (sender unknown); all None if it never beat."""
     from prefect.events.filters import EventFilter, EventNameFilter, EventOrder, EventResourceFilter
@@ -95,7 +96,11 @@ def last_heartbeat(client, run_id: str) -> tuple[datetime | None, str | None, in
         return None, None, None
     newest = page.events[0]
     host, pid = (newest.payload or {}).get("host"), (newest.payload or {}).get("pid")
-    return (newest.occurred, host if isinstance(host, str) and host else None,
+    # ``occurred`` is the sender's clock: a host running behind would make every fresh beat look
+    # stopped. When the API received it is the Prefect server's clock; the later of the two never
+    # makes a live run look dead (a sender running ahead only delays the verdict).
+    when = max(newest.occurred, getattr(newest, "received", None) or newest.occurred)
+    return (when, host if isinstance(host, str) and host else None,
             pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
 
 
