@@ -212,3 +212,42 @@ def test_a_stopped_heartbeat_with_no_renewal_elsewhere_is_still_a_crash(local_cl
                   grace=NO_GRACE, act=True, ledger=ledger)
     assert report.verdicts[0].status.state == RunState.CRASHED and report.proofs[run.run_id].clean
     assert kinds_left(local_cloud, run.run_id) == []
+
+
+def test_a_floating_ip_left_without_its_server_by_a_run_elsewhere_is_reaped(local_cloud, ledger):
+    """A run on another host whose teardown could not delete its floating IP (then deleted its
+    server, and ended) is told "the reaper will retry". Nothing holds a lease any more, and the
+    reaper cannot know the run (it is not ours), so the address used to stay allocated forever,
+    taking the project's floating-IP quota. A floating IP serves only a server: without any server
+    or volume of its run it goes after the grace; the key stays (the run is not known dead)."""
+    theirs = run_with_resources(local_cloud)
+    fip = local_cloud.create_floating_ip(theirs)
+    for server in local_cloud.list_servers(theirs.run_id):
+        local_cloud.delete_server(server.id)  # their teardown went on after the address failed
+    for ask in (None, lambda r: None):
+        report = reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=ask), grace=timedelta(minutes=15),
+                      act=False, ledger=ledger, now=datetime.now(UTC) + timedelta(minutes=16))
+        (verdict,) = report.verdicts
+        assert verdict.verdict == Verdict.REAP and "no server or volume" in verdict.reason, verdict.reason
+    report = reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=lambda r: None), grace=NO_GRACE,
+                  act=True, ledger=ledger)
+    assert report.proofs[theirs.run_id].clean and local_cloud.list_floating_ips(theirs.run_id) == []
+    assert kinds_left(local_cloud, theirs.run_id) == ["keypair"]
+    assert fip.id not in {f.id for f in local_cloud.list_floating_ips()}
+    local_cloud.delete_keypair(f"slipstream-{theirs.run_id}")
+
+
+def test_a_live_runs_floating_ip_is_kept_even_without_a_server(local_cloud, ledger):
+    """A process of the run alive here: its address stays whatever else the run holds."""
+    mine = Ownership.new("mine", run_id=str(uuid.uuid4()))
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        ledger.record_run_process(RunProcess(mine.run_id, "mine", "local", HERE, holder.pid,
+                                             proc_stat(holder.pid).start, datetime.now(UTC)))
+        local_cloud.create_floating_ip(mine)
+        report = reap(local_cloud, RunResolver(ledger.run_processes()), grace=NO_GRACE, act=True, ledger=ledger)
+        assert [v.verdict for v in report.verdicts] == [Verdict.KEEP] and len(local_cloud.list_floating_ips(mine.run_id)) == 1
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    teardown_run(local_cloud, mine.run_id)
