@@ -93,6 +93,7 @@ class OwnedResource:
     detail: str = ""
     pipeline: str = ""  # servers and volumes carry it; addresses and keys do not
     renewal: LeaseRenewal | None = None  # the last heartbeat renewal of the lease, if any
+    attached_to: str | None = None  # a floating IP's server, when attached
 
 
 @dataclass
@@ -165,7 +166,8 @@ def owned_by_run(cloud: CloudProvider) -> dict[str, list[OwnedResource]]:
     runs: dict[str, list[OwnedResource]] = {}
     for f in cloud.list_floating_ips():
         if f.run_id:
-            runs.setdefault(f.run_id, []).append(OwnedResource(ResourceKind.FLOATING_IP, f.id, f.address))
+            runs.setdefault(f.run_id, []).append(OwnedResource(ResourceKind.FLOATING_IP, f.id, f.address,
+                                                               attached_to=f.server_id))
     for k in cloud.list_keypairs():
         if k.run_id:
             runs.setdefault(k.run_id, []).append(OwnedResource(ResourceKind.KEYPAIR, k.name, k.name))
@@ -254,12 +256,14 @@ def reap(
 
 
 def _addresses_without_lease(resources: list[OwnedResource], status: RunStatus) -> bool:
-    """Does a run that is not known live hold floating IPs and nothing that carries a lease (no
-    server, no volume)? A floating IP only serves a server, so nothing can wait for it: a run
-    elsewhere whose teardown failed to free its address is told the reaper will retry."""
+    """Does a run that is not known live hold floating IPs, none attached to a server, and
+    nothing that carries a lease (no server, no volume)? A floating IP only serves a server, so
+    nothing can wait for it: a run elsewhere whose teardown failed to free its address is told
+    the reaper will retry. (An attached one serves a server, maybe one whose tags we cannot read.)"""
     kinds = {r.kind for r in resources}
     return (status.state != RunState.LIVE and ResourceKind.FLOATING_IP in kinds
-            and not kinds & {ResourceKind.SERVER, ResourceKind.VOLUME})
+            and not kinds & {ResourceKind.SERVER, ResourceKind.VOLUME}
+            and not any(r.attached_to for r in resources if r.kind == ResourceKind.FLOATING_IP))
 
 
 def newest_renewals(owned: dict[str, list[OwnedResource]]) -> dict[str, LeaseRenewal]:

@@ -237,6 +237,21 @@ def test_a_floating_ip_left_without_its_server_by_a_run_elsewhere_is_reaped(loca
     local_cloud.delete_keypair(f"slipstream-{theirs.run_id}")
 
 
+def test_an_attached_floating_ip_is_not_orphaned_by_its_servers_unreadable_lease(local_cloud, ledger):
+    """A server whose lease metadata someone mangled is invisible to the reaper; the address
+    attached to it still serves it, so it is not reaped as left without a server."""
+    theirs = run_with_resources(local_cloud)
+    (server,) = local_cloud.list_servers(theirs.run_id)
+    fip = local_cloud.create_floating_ip(theirs)
+    local_cloud.attach_floating_ip(fip.id, server.id)
+    tamper(local_cloud, "servers", server.id, expires_at="next tuesday")
+    report = reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=lambda r: None), grace=NO_GRACE,
+                  act=True, ledger=ledger)
+    assert [v.verdict for v in report.verdicts] == [Verdict.KEEP]
+    assert [f.id for f in local_cloud.list_floating_ips(theirs.run_id)] == [fip.id]
+    teardown_run(local_cloud, theirs.run_id)
+
+
 def test_a_live_runs_floating_ip_is_kept_even_without_a_server(local_cloud, ledger):
     """A process of the run alive here: its address stays whatever else the run holds."""
     mine = Ownership.new("mine", run_id=str(uuid.uuid4()))
