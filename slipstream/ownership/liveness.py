@@ -131,6 +131,10 @@ class RunResolver:
         self.renewals.update(renewals)
         self._cache.clear()
 
+    def forget(self, run_id: str) -> None:
+        """Ask afresh next time (Prefect included, if it is still reachable)."""
+        self._cache.pop(run_id, None)
+
     def __call__(self, run_id: str) -> RunStatus:
         if run_id not in self._cache:
             self._cache[run_id] = self._resolve(run_id)

@@ -245,6 +245,10 @@ def reap(
     report.notes.extend(getattr(resolve, "notes", []))
     if act:
         for v in report.to_reap:
+            if (still := _still_to_reap(v, resolve, grace, now, started(v.run_id))) is not None:
+                report.notes.append(f"run {v.run_id} not reaped: since this pass judged it, {still}")
+                v.verdict = Verdict.KEEP
+                continue
             log.warning("reaping run %s on %s: %s", v.run_id, cloud.name, v.reason)
             target = cloud if v.status.state in DEAD_STATES else _KeypairsKept(cloud)
             if target is not cloud and any(r.kind == ResourceKind.KEYPAIR for r in v.resources):
@@ -253,6 +257,19 @@ def reap(
             report.proofs[v.run_id] = teardown_run(target, v.run_id, ledger=ledger, on_event=on_event,
                                                    retry_policy=retry_policy)
     return report
+
+
+def _still_to_reap(v: RunVerdict, resolve: Resolver, grace: timedelta, now: datetime,
+                   started_at: datetime | None) -> str | None:
+    """Ask about ``v``'s run again just before deleting it: a pass may spend minutes deleting
+    other runs, and meanwhile a crashed run may be retried under the same flow-run id (Prefect's
+    Retry). None if it is still to be reaped, else what changed."""
+    if isinstance(resolve, RunResolver):
+        resolve.forget(v.run_id)
+    status = resolve(v.run_id)
+    again = judge(v.cloud, v.run_id, v.resources, status, grace=grace, now=now, started_at=started_at,
+                  pipeline=v.pipeline)
+    return None if again.verdict == Verdict.REAP else f"it is {status.state.value} ({status.basis})"
 
 
 def _addresses_without_lease(resources: list[OwnedResource], status: RunStatus) -> bool:

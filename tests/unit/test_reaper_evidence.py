@@ -266,3 +266,21 @@ def test_a_live_runs_floating_ip_is_kept_even_without_a_server(local_cloud, ledg
         holder.kill()
         holder.wait(timeout=10)
     teardown_run(local_cloud, mine.run_id)
+
+
+def test_a_run_retried_after_the_pass_judged_it_is_not_deleted(local_cloud, ledger):
+    """The pass judges every run, then deletes one after another (each waits for its servers to
+    go). A crashed run retried meanwhile under the same flow-run id (Prefect's Retry) is Running
+    with a fresh beat when its turn comes: it is asked about again and kept."""
+    run = run_with_resources(local_cloud)
+    answers = iter([PrefectRun("CRASHED", "Crashed", ended_at=datetime.now(UTC) - timedelta(hours=1))])
+
+    def prefect(run_id: str) -> PrefectRun:
+        return next(answers, PrefectRun("RUNNING", "Running", last_heartbeat=datetime.now(UTC), heartbeat_host="b"))
+
+    report = reap(local_cloud, RunResolver(ledger.run_processes(), ask_prefect=prefect), grace=NO_GRACE,
+                  act=True, ledger=ledger)
+    assert report.proofs == {} and kinds_left(local_cloud, run.run_id) == ["keypair", "server"]
+    assert report.verdicts[0].verdict == Verdict.KEEP
+    assert any("not reaped" in note and "live" in note for note in report.notes), report.notes
+    teardown_run(local_cloud, run.run_id)
