@@ -124,6 +124,8 @@ class Lease:
         self.held: list[HeldResource] = []
         self.proof: TeardownProof | None = None
         self._process_noted = False
+        #: The lease last stamped on the run's servers and volumes (by creation or a renewal).
+        self.lease_ends = owner.expires_at
 
     # context manager ----------------------------------------------------------
     def __enter__(self) -> Lease:
@@ -182,10 +184,17 @@ class Lease:
         self._note_process()  # a process that adopted its run's resources holds them too
         now = now or datetime.now(UTC)
         renewal = LeaseRenewal(now + after, now, socket.gethostname(), os.getpid())
-        renewed = self.cloud.renew_lease(self.owner.run_id, renewal, due_before=now + after / 2)
+        try:
+            renewed = self.cloud.renew_lease(self.owner.run_id, renewal, due_before=now + after / 2)
+        except CloudError as err:  # say what it costs: the lease is all a reaper elsewhere can see
+            log.error("run %s: its lease could not be renewed (%s); unless a later beat renews it, a reaper may "
+                      "delete its resources once %s UTC and its grace have passed, though the run still works",
+                      self.owner.run_id, err, f"{self.lease_ends:%Y-%m-%d %H:%M}")
+            raise
         if renewal.expires_at > self.owner.expires_at:
             self.owner = replace(self.owner, expires_at=renewal.expires_at)
         if renewed:
+            self.lease_ends = renewal.expires_at
             self.ledger.record_renewal(LeaseRenewalRecord(self.owner.run_id, self.cloud.name, renewal.renewed_by,
                                                           renewal.renewed_pid, now, renewal.expires_at, renewed))
             log.info("run %s: lease of %d resource(s) renewed until %s UTC", self.owner.run_id, renewed,
