@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
+import textwrap
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -283,4 +285,34 @@ def test_a_run_retried_after_the_pass_judged_it_is_not_deleted(local_cloud, ledg
     assert report.proofs == {} and kinds_left(local_cloud, run.run_id) == ["keypair", "server"]
     assert report.verdicts[0].verdict == Verdict.KEEP
     assert any("not reaped" in note and "live" in note for note in report.notes), report.notes
+    teardown_run(local_cloud, run.run_id)
+
+
+def test_a_retry_on_another_host_stamps_its_renewal_at_once_so_a_reaper_without_prefect_keeps_it(
+        local_cloud, ledger, tmp_path):
+    """The first attempt (this host) made the run's server with an hour's lease and died; a retry
+    on worker-b adopts it and beats. Without Prefect the reaper sees the retry only in the renewal
+    stamped on the resources, and that used to wait until the lease was half gone: meanwhile this
+    host's dead process made the run CRASHED and the retry's server was deleted. A process's first
+    renewal now stamps every resource of its run that its own lease outlasts."""
+    run = run_with_resources(local_cloud, lease=timedelta(hours=1))
+    gone_process_here(ledger, run.run_id)
+    retry = textwrap.dedent(f"""
+        from datetime import timedelta
+        from slipstream.cloud.local import LocalCloud
+        from slipstream.cloud.models import Ownership
+        from slipstream.ownership.lease import Lease
+        from pathlib import Path
+        from slipstream.ownership.ledger import Ledger
+        owner = Ownership.new("elsewhere", run_id={run.run_id!r}, lease=timedelta(hours=1))
+        lease = Lease(LocalCloud({str(local_cloud.home)!r}), owner, ledger=Ledger(Path({str(tmp_path / "b.db")!r})))
+        print(lease.renew())
+    """)
+    done = subprocess.run(["unshare", "--uts", "sh", "-c", 'hostname worker-b && exec "$0" -c "$1"', sys.executable,
+                           retry], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr
+    report = reap(local_cloud, RunResolver(ledger.run_processes()), grace=NO_GRACE, act=True, ledger=ledger)
+    (verdict,) = report.verdicts
+    assert verdict.verdict == Verdict.KEEP and "renewed by worker-b" in verdict.status.basis, verdict.reason
+    assert kinds_left(local_cloud, run.run_id) == ["keypair", "server"]
     teardown_run(local_cloud, run.run_id)
