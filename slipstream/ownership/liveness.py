@@ -112,8 +112,9 @@ class RunResolver:
     """
 
     def __init__(self, processes: Iterable[RunProcess], ask_prefect: PrefectLookup | None = None,
-                 host: str | None = None) -> None:
+                 host: str | None = None, now: datetime | None = None) -> None:
         self.host = host or socket.gethostname()
+        self.now = now  # when beats and renewals are judged (None: the clock at each question)
         self.processes: dict[str, list[RunProcess]] = {}
         for proc in processes:
             self.processes.setdefault(proc.run_id, []).append(proc)
@@ -165,7 +166,7 @@ class RunResolver:
         if state != RunState.LIVE:
             return RunStatus(state, f"Prefect: {name}", prefect.ended_at)
         beat = prefect.last_heartbeat
-        if beat is not None and datetime.now(UTC) - beat > STALE_AFTER:
+        if beat is not None and (self.now or datetime.now(UTC)) - beat > STALE_AFTER:
             stopped = f"Prefect says {name} but its heartbeat stopped at {beat:%Y-%m-%d %H:%M:%S} UTC"
             if elsewhere:  # the renewals go on a thread of their own: the beat alone died, or was lost
                 return RunStatus(RunState.LIVE, f"{stopped}; {elsewhere}")
@@ -187,7 +188,7 @@ class RunResolver:
         """Why the run may be held by a process other than this host's recorded ones (its lease
         renewed by it and not yet expired), or "" if nothing says so."""
         renewal = self.renewals.get(run_id)
-        if (renewal is None or renewal.expires_at <= datetime.now(UTC)
+        if (renewal is None or renewal.expires_at <= (self.now or datetime.now(UTC))
                 or self._one_of(renewal.renewed_by, renewal.renewed_pid, procs)):
             return ""
         return (f"its lease was renewed by {renewal.renewed_by} at {renewal.renewed_at:%Y-%m-%d %H:%M} UTC "
