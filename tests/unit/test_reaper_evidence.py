@@ -295,7 +295,7 @@ def test_a_retry_on_another_host_stamps_its_renewal_at_once_so_a_reaper_without_
     stamped on the resources, and that used to wait until the lease was half gone: meanwhile this
     host's dead process made the run CRASHED and the retry's server was deleted. A process's first
     renewal now stamps every resource of its run that its own lease outlasts."""
-    run = run_with_resources(local_cloud, lease=timedelta(hours=1))
+    run = run_with_resources(local_cloud, lease=timedelta(minutes=50))  # made 10 minutes before the retry
     gone_process_here(ledger, run.run_id)
     retry = textwrap.dedent(f"""
         from datetime import timedelta
