@@ -78,13 +78,23 @@ def prefect_lookup(client) -> PrefectLookup:
 
 
 def last_heartbeat(client, run_id: str) -> tuple[datetime | None, str | None, int | None]:
-    """When the run last beat, from which host and process: slipstream's own heartbeat
+    """When the run last beat (by the later of its sender's and the Prefect server's clocks),
+    from which host and process: slipstream's own heartbeat
     (``tasks/heartbeat.py``, whose payload names them) or the one a Prefect runner sends with
     ``PREFECT_RUNNER_HEARTBEAT_FREQUENCY`` set (sender unknown); all None if it never beat."""
-    from prefect.events.filters import EventFilter, EventNameFilter, EventOrder, EventResourceFilter
+    from prefect.events.filters import (
+        EventFilter,
+        EventNameFilter,
+        EventOccurredFilter,
+        EventOrder,
+        EventResourceFilter,
+    )
 
+    now = datetime.now(UTC)
     try:
         page = client.read_events(filter=EventFilter(
+            # Prefect's default window ends now: a sender whose clock runs ahead would be unseen.
+            occurred=EventOccurredFilter(since=now - timedelta(days=1), until=now + timedelta(days=1)),
             event=EventNameFilter(name=[HEARTBEAT_EVENT, "prefect.flow-run.heartbeat"]),
             resource=EventResourceFilter(id=[f"slipstream.run.{run_id}", f"prefect.flow-run.{run_id}"]),
             order=EventOrder.DESC), limit=1)
@@ -95,7 +105,11 @@ def last_heartbeat(client, run_id: str) -> tuple[datetime | None, str | None, in
         return None, None, None
     newest = page.events[0]
     host, pid = (newest.payload or {}).get("host"), (newest.payload or {}).get("pid")
-    return (newest.occurred, host if isinstance(host, str) and host else None,
+    # ``occurred`` is the sender's clock: a host running behind would make every fresh beat look
+    # stopped. When the API received it is the Prefect server's clock; the later of the two never
+    # makes a live run look dead (a sender running ahead only delays the verdict).
+    when = max(newest.occurred, getattr(newest, "received", None) or newest.occurred)
+    return (when, host if isinstance(host, str) and host else None,
             pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
 
 
@@ -132,19 +146,21 @@ def reap_clouds(
     client=None,
     prefect_note: str = "",
     on_leak: LeakCallback | None = None,
+    now: datetime | None = None,
 ) -> list[ReapReport]:
-    """One reaper pass over each cloud in ``refs``; a cloud that cannot be listed gets a report
-    with a note instead of stopping the others."""
+    """One reaper pass over each cloud in ``refs`` (as at ``now``, default the clock); a cloud
+    that cannot be listed gets a report with a note instead of stopping the others."""
     ledger, ledger_notes = open_ledger()
     processes = ledger.run_processes()
     reports = []
     for ref in refs:
-        resolver = RunResolver(processes, ask_prefect=prefect_lookup(client) if client is not None else None)
+        resolver = RunResolver(processes, ask_prefect=prefect_lookup(client) if client is not None else None,
+                               now=now)
         if client is None and prefect_note:  # say why Prefect was not asked
             resolver.notes = [f"{prefect_note}: runs resolved from this host's records"]
         try:
             cloud = open_cloud(ref)
-            report = reap(cloud, resolver, grace=grace, act=act, ledger=ledger,
+            report = reap(cloud, resolver, grace=grace, act=act, ledger=ledger, now=now,
                           on_event=_deleted_logger(cloud.name))
         except CloudError as err:
             report = ReapReport(ref, not act, grace, datetime.now(UTC), notes=[f"cannot list {ref}: {err}"])

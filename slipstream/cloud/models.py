@@ -174,13 +174,17 @@ class LeaseRenewal:
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> LeaseRenewal | None:
-        """The last renewal stamped in ``metadata``, or None if the lease was never renewed."""
+        """The last renewal stamped in ``metadata``, or None if the lease was never renewed or
+        the stamp is not one slipstream writes (a time without a zone cannot be compared)."""
         try:
-            return cls(datetime.fromisoformat(metadata[f"{_META_PREFIX}expires_at"]),
-                       datetime.fromisoformat(metadata[f"{_META_PREFIX}renewed_at"]),
-                       metadata[f"{_META_PREFIX}renewed_by"], int(metadata.get(f"{_META_PREFIX}renewed_pid", 0)))
-        except (KeyError, ValueError):
+            renewal = cls(datetime.fromisoformat(metadata[f"{_META_PREFIX}expires_at"]),
+                          datetime.fromisoformat(metadata[f"{_META_PREFIX}renewed_at"]),
+                          metadata[f"{_META_PREFIX}renewed_by"], int(metadata.get(f"{_META_PREFIX}renewed_pid", 0)))
+        except (KeyError, ValueError, TypeError):
             return None
+        if renewal.expires_at.tzinfo is None or renewal.renewed_at.tzinfo is None:
+            return None
+        return renewal
 
 
 @dataclass(frozen=True)

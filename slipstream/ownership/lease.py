@@ -131,6 +131,9 @@ class Lease:
         self.held: list[HeldResource] = []
         self.proof: TeardownProof | None = None
         self._process_noted = False
+        self._stamped = False  # has this process renewed the run's lease yet?
+        #: The lease last stamped on the run's servers and volumes (by creation or a renewal).
+        self.lease_ends = owner.expires_at
 
     # context manager ----------------------------------------------------------
     def __enter__(self) -> Lease:
@@ -183,16 +186,30 @@ class Lease:
     def renew(self, after: timedelta = LEASE_AFTER_BEAT, *, now: datetime | None = None) -> int:
         """Extend the lease of the run's servers and volumes to ``after`` from now, where less
         than half of ``after`` remains (never shortening one); returns how many were renewed.
+        A process's first call also stamps every resource of the run its own lease outlasts, so
+        a retry that adopts a run elsewhere is seen as its holder at once, not 15 minutes later.
 
         Called on every heartbeat. Resources created later get the renewed expiry too. Each
         renewal that changed something is noted in the ledger."""
         self._note_process()  # a process that adopted its run's resources holds them too
         now = now or datetime.now(UTC)
-        renewal = LeaseRenewal(now + after, now, socket.gethostname(), os.getpid())
-        renewed = self.cloud.renew_lease(self.owner.run_id, renewal, due_before=now + after / 2)
+        until, due = now + after, now + after / 2
+        if not self._stamped:  # a process's first renewal stamps every resource its own lease outlasts:
+            until = max(until, self.owner.expires_at)  # a retry elsewhere shows itself at once;
+            due = until.replace(microsecond=0)  # leases are stamped to the second: not our own again
+        renewal = LeaseRenewal(until, now, socket.gethostname(), os.getpid())
+        try:
+            renewed = self.cloud.renew_lease(self.owner.run_id, renewal, due_before=due)
+        except CloudError as err:  # say what it costs: the lease is all a reaper elsewhere can see
+            log.error("run %s: its lease could not be renewed (%s); unless a later beat renews it, a reaper may "
+                      "delete its resources once %s UTC and its grace have passed, though the run still works",
+                      self.owner.run_id, err, f"{self.lease_ends:%Y-%m-%d %H:%M}")
+            raise
+        self._stamped = True
         if renewal.expires_at > self.owner.expires_at:
             self.owner = replace(self.owner, expires_at=renewal.expires_at)
         if renewed:
+            self.lease_ends = renewal.expires_at
             self.ledger.record_renewal(LeaseRenewalRecord(self.owner.run_id, self.cloud.name, renewal.renewed_by,
                                                           renewal.renewed_pid, now, renewal.expires_at, renewed))
             log.info("run %s: lease of %d resource(s) renewed until %s UTC", self.owner.run_id, renewed,

@@ -12,7 +12,9 @@ evidence, in this order:
    → LIVE, except:
 
    - its heartbeat (:mod:`slipstream.ownership.heartbeat`) stopped more than ``STALE_AFTER`` ago
-     (its host died with it) → CRASHED;
+     (its host died with it) → CRASHED, unless its lease is held elsewhere (below): the beat and
+     the renewal run on threads of their own, so a beat thread that died, events Prefect lost, or
+     a sender whose clock is behind must not outweigh an unexpired renewal → LIVE until it expires;
    - a *fresh* heartbeat wins over this host's process table (a retry picked up by a worker on
      another host beats while this host's process is gone) → LIVE; unless that beat came from
      one of this host's recorded processes of the run, which are all gone;
@@ -110,8 +112,9 @@ class RunResolver:
     """
 
     def __init__(self, processes: Iterable[RunProcess], ask_prefect: PrefectLookup | None = None,
-                 host: str | None = None) -> None:
+                 host: str | None = None, now: datetime | None = None) -> None:
         self.host = host or socket.gethostname()
+        self.now = now  # when beats and renewals are judged (None: the clock at each question)
         self.processes: dict[str, list[RunProcess]] = {}
         for proc in processes:
             self.processes.setdefault(proc.run_id, []).append(proc)
@@ -128,6 +131,10 @@ class RunResolver:
         """The newest lease renewal stamped on each run's resources (run id -> renewal)."""
         self.renewals.update(renewals)
         self._cache.clear()
+
+    def forget(self, run_id: str) -> None:
+        """Ask afresh next time (Prefect included, if it is still reachable)."""
+        self._cache.pop(run_id, None)
 
     def __call__(self, run_id: str) -> RunStatus:
         if run_id not in self._cache:
@@ -159,9 +166,11 @@ class RunResolver:
         if state != RunState.LIVE:
             return RunStatus(state, f"Prefect: {name}", prefect.ended_at)
         beat = prefect.last_heartbeat
-        if beat is not None and datetime.now(UTC) - beat > STALE_AFTER:
-            return RunStatus(RunState.CRASHED, f"Prefect says {name} but its heartbeat "
-                             f"stopped at {beat:%Y-%m-%d %H:%M:%S} UTC", beat)
+        if beat is not None and (self.now or datetime.now(UTC)) - beat > STALE_AFTER:
+            stopped = f"Prefect says {name} but its heartbeat stopped at {beat:%Y-%m-%d %H:%M:%S} UTC"
+            if elsewhere:  # the renewals go on a thread of their own: the beat alone died, or was lost
+                return RunStatus(RunState.LIVE, f"{stopped}; {elsewhere}")
+            return RunStatus(RunState.CRASHED, stopped, beat)
         beat_explained_here = local_and_gone and self._one_of(prefect.heartbeat_host, prefect.heartbeat_pid, procs)
         if beat is not None and not beat_explained_here:  # a fresh beat wins over this host's processes
             sender = f" from {prefect.heartbeat_host}" if prefect.heartbeat_host else ""
@@ -179,7 +188,7 @@ class RunResolver:
         """Why the run may be held by a process other than this host's recorded ones (its lease
         renewed by it and not yet expired), or "" if nothing says so."""
         renewal = self.renewals.get(run_id)
-        if (renewal is None or renewal.expires_at <= datetime.now(UTC)
+        if (renewal is None or renewal.expires_at <= (self.now or datetime.now(UTC))
                 or self._one_of(renewal.renewed_by, renewal.renewed_pid, procs)):
             return ""
         return (f"its lease was renewed by {renewal.renewed_by} at {renewal.renewed_at:%Y-%m-%d %H:%M} UTC "

@@ -17,7 +17,9 @@ What happens to a run is the table :data:`REAP_TABLE`, keyed by (state, timing):
 CRASHED and CANCELLED runs are reaped once the grace period has passed since the run's last sign
 of life (its newest resource, its start, or its end, whichever is latest); LIVE, UNKNOWN and
 UNRESOLVED runs only when their lease has expired (the latest ``expires_at`` on their resources,
-which a beating run renews, plus the grace period). A keypair is reaped only with a run that is
+which a beating run renews, plus the grace period). Floating IPs left by a run that is not
+live and holds no server or volume any more count as lease expired (nothing carries a lease,
+and an address without a server only takes quota). A keypair is reaped only with a run that is
 positively dead: a lease that merely expired leaves it (it costs nothing). Nothing is ever
 deleted that the provider port does not list as slipstream-owned, and deletion goes through
 :func:`slipstream.ownership.lease.teardown_run` (dependency order, retries, teardown proof).
@@ -91,6 +93,7 @@ class OwnedResource:
     detail: str = ""
     pipeline: str = ""  # servers and volumes carry it; addresses and keys do not
     renewal: LeaseRenewal | None = None  # the last heartbeat renewal of the lease, if any
+    attached_to: str | None = None  # a floating IP's server, when attached
 
 
 @dataclass
@@ -155,26 +158,31 @@ class ReapReport:
 
 
 def owned_by_run(cloud: CloudProvider) -> dict[str, list[OwnedResource]]:
-    """Everything slipstream owns on ``cloud``, by run id: one list call per kind."""
+    """Everything slipstream owns on ``cloud``, by run id: one list call per kind.
+
+    Addresses and keys are listed first: a run makes its server before its floating IP, so a
+    floating IP listed here has its server listed after it, unless the server is really gone
+    (see :func:`judge`)."""
     runs: dict[str, list[OwnedResource]] = {}
+    for f in cloud.list_floating_ips():
+        if f.run_id:
+            runs.setdefault(f.run_id, []).append(OwnedResource(ResourceKind.FLOATING_IP, f.id, f.address,
+                                                               attached_to=f.server_id))
+    for k in cloud.list_keypairs():
+        if k.run_id:
+            runs.setdefault(k.run_id, []).append(OwnedResource(ResourceKind.KEYPAIR, k.name, k.name))
     for s in cloud.list_servers():
         o = s.ownership
         if o is not None:
             runs.setdefault(o.run_id, []).append(
                 OwnedResource(ResourceKind.SERVER, s.id, s.name, s.created_at, o.expires_at, s.flavor, o.pipeline,
                               LeaseRenewal.from_metadata(s.metadata)))
-    for f in cloud.list_floating_ips():
-        if f.run_id:
-            runs.setdefault(f.run_id, []).append(OwnedResource(ResourceKind.FLOATING_IP, f.id, f.address))
     for vol in cloud.list_volumes():
         o = vol.ownership
         if o is not None:
             runs.setdefault(o.run_id, []).append(
                 OwnedResource(ResourceKind.VOLUME, vol.id, vol.name, None, o.expires_at, f"{vol.size_gb} GB",
                               o.pipeline, LeaseRenewal.from_metadata(vol.metadata)))
-    for k in cloud.list_keypairs():
-        if k.run_id:
-            runs.setdefault(k.run_id, []).append(OwnedResource(ResourceKind.KEYPAIR, k.name, k.name))
     return runs
 
 
@@ -190,12 +198,17 @@ def judge(cloud: str, run_id: str, resources: list[OwnedResource], status: RunSt
         timing = Timing.LEASE_EXPIRED
     elif last is not None and now - last < grace:
         timing = Timing.IN_GRACE
+    elif _addresses_without_lease(resources, status):
+        timing = Timing.LEASE_EXPIRED
     else:  # no sign of life at all is not a reason to wait: the resolver says the run is not live
         timing = Timing.PAST_GRACE
     v = RunVerdict(cloud, run_id, pipeline, resources, status, last, expires, timing)
     v.verdict = REAP_TABLE.action_for(v)
     v.reason = f"{status.state.value} ({status.basis}), {timing.value} ({short_duration(grace)})"
-    if timing == Timing.LEASE_EXPIRED:
+    if timing == Timing.LEASE_EXPIRED and expires is None:
+        v.reason = (f"no server or volume of the run is left to hold a lease, only floating IPs (they serve "
+                    f"nothing and take quota); {status.state.value} ({status.basis})")
+    elif timing == Timing.LEASE_EXPIRED:
         v.reason = (f"lease expired at {expires:%Y-%m-%d %H:%M} UTC + {short_duration(grace)} grace; "
                     f"{status.state.value} ({status.basis})")
     return v
@@ -232,6 +245,10 @@ def reap(
     report.notes.extend(getattr(resolve, "notes", []))
     if act:
         for v in report.to_reap:
+            if (still := _still_to_reap(v, resolve, grace, now, started(v.run_id))) is not None:
+                report.notes.append(f"run {v.run_id} not reaped: since this pass judged it, {still}")
+                v.verdict = Verdict.KEEP
+                continue
             log.warning("reaping run %s on %s: %s", v.run_id, cloud.name, v.reason)
             target = cloud if v.status.state in DEAD_STATES else _KeypairsKept(cloud)
             if target is not cloud and any(r.kind == ResourceKind.KEYPAIR for r in v.resources):
@@ -240,6 +257,30 @@ def reap(
             report.proofs[v.run_id] = teardown_run(target, v.run_id, ledger=ledger, on_event=on_event,
                                                    retry_policy=retry_policy)
     return report
+
+
+def _still_to_reap(v: RunVerdict, resolve: Resolver, grace: timedelta, now: datetime,
+                   started_at: datetime | None) -> str | None:
+    """Ask about ``v``'s run again just before deleting it: a pass may spend minutes deleting
+    other runs, and meanwhile a crashed run may be retried under the same flow-run id (Prefect's
+    Retry). None if it is still to be reaped, else what changed."""
+    if isinstance(resolve, RunResolver):
+        resolve.forget(v.run_id)
+    status = resolve(v.run_id)
+    again = judge(v.cloud, v.run_id, v.resources, status, grace=grace, now=now, started_at=started_at,
+                  pipeline=v.pipeline)
+    return None if again.verdict == Verdict.REAP else f"it is {status.state.value} ({status.basis})"
+
+
+def _addresses_without_lease(resources: list[OwnedResource], status: RunStatus) -> bool:
+    """Does a run that is not known live hold floating IPs, none attached to a server, and
+    nothing that carries a lease (no server, no volume)? A floating IP only serves a server, so
+    nothing can wait for it: a run elsewhere whose teardown failed to free its address is told
+    the reaper will retry. (An attached one serves a server, maybe one whose tags we cannot read.)"""
+    kinds = {r.kind for r in resources}
+    return (status.state != RunState.LIVE and ResourceKind.FLOATING_IP in kinds
+            and not kinds & {ResourceKind.SERVER, ResourceKind.VOLUME}
+            and not any(r.attached_to for r in resources if r.kind == ResourceKind.FLOATING_IP))
 
 
 def newest_renewals(owned: dict[str, list[OwnedResource]]) -> dict[str, LeaseRenewal]:

@@ -3,6 +3,7 @@
 - a live run on a teammate's Prefect (our Prefect has no such run, our ledger no record of it);
 - a lease renewed past its first expiry by the run's heartbeat;
 - a retry on another host (this host's process of the run is gone; the retry beats elsewhere).
+- a run beating from a host whose clock lags (its beats look 10 minutes old by their own stamp).
 
 Each runs one real reaper pass (``reap_clouds``, as ``slipstream reap --yes`` and the reaper
 flow do) against a real Prefect API and a real LocalCloud with grace 0, so only the evidence
@@ -144,3 +145,28 @@ def _beats(run_id: str) -> list:
             event=EventNameFilter(name=[HEARTBEAT_EVENT]),
             resource=EventResourceFilter(id=[f"slipstream.run.{run_id}"])), limit=5)
     return page.events
+
+
+def test_a_run_beating_from_a_host_whose_clock_lags_is_not_judged_by_that_clock(cloud_env, tmp_path):
+    """A teammate's worker whose clock is 10 minutes behind stamps its beats 10 minutes in the
+    past. Judged by the sender's clock, every fresh beat looked 'stopped 10 minutes ago' and the
+    run, alive on that host, was CRASHED and deleted; the time the Prefect API received it counts."""
+    from prefect.events import emit_event
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(retried_pipeline)
+        client.set_flow_run_state(run.id, State(type=StateType.RUNNING), force=True)
+    run_id = str(run.id)
+    theirs = holding_run(cloud_env, run_id, str(tmp_path / "lagging-host"))  # a ledger we cannot see
+    emit_event(HEARTBEAT_EVENT, occurred=datetime.now(UTC) - timedelta(minutes=10),
+               resource={"prefect.resource.id": f"slipstream.run.{run_id}"},
+               payload={"cloud": "local", "pipeline": "live", "host": "lagging-b", "pid": 4242})
+    wait_until(lambda: _beats(run_id), timeout=60, what="the lagging host's heartbeat stored")
+    try:
+        report = one_reaper_pass()
+        (verdict,) = report.verdicts
+        assert verdict.status.state.value == "live", verdict.reason
+        assert report.proofs == {} and held(cloud_env, run_id) == (1, 1)
+    finally:
+        out, _ = theirs.communicate("", timeout=60)
+    assert out.strip() == "clean"

@@ -131,7 +131,9 @@ def test_without_a_reachable_prefect_api_the_cli_resolves_locally_and_says_so(cl
 
 def test_a_running_run_whose_heartbeat_stopped_is_reaped_and_one_still_beating_is_kept(cloud_env, prefect_api, tmp_path):
     """Prefect says both are Running; nothing on this host knows them (their host is another
-    machine). One last beat 10 minutes ago — its host died with it — the other beats still."""
+    machine). The pass is judged 10 minutes from now: one last beat now — its host dies with it —
+    the other beats still then (its beat is stamped by a host whose clock runs 10 minutes ahead;
+    a beat's age is judged by the later of its stamp and when Prefect received it)."""
     from datetime import UTC, datetime, timedelta
 
     from slipstream.ownership.heartbeat import HEARTBEAT_EVENT
@@ -145,13 +147,13 @@ def test_a_running_run_whose_heartbeat_stopped_is_reaped_and_one_still_beating_i
         _left_behind(cloud_env, run_id, other)
     from prefect.events import emit_event
 
-    emit_event(event=HEARTBEAT_EVENT, resource={"prefect.resource.id": f"slipstream.run.{dead}"},
-               occurred=datetime.now(UTC) - timedelta(minutes=10))
-    run_event(HEARTBEAT_EVENT, alive, {"cloud": "local"})
+    later = datetime.now(UTC) + timedelta(minutes=10)
+    run_event(HEARTBEAT_EVENT, dead, {"cloud": "local"})
+    emit_event(event=HEARTBEAT_EVENT, resource={"prefect.resource.id": f"slipstream.run.{alive}"}, occurred=later)
     wait_until(lambda: _beats(dead) and _beats(alive), timeout=60, what="both heartbeats stored")
 
     with get_client(sync_client=True) as client:
-        (report,) = reap_clouds(["local"], grace=timedelta(0), act=True, client=client)
+        (report,) = reap_clouds(["local"], grace=timedelta(0), act=True, client=client, now=later)
     verdicts = {v.run_id: v for v in report.verdicts}
     assert verdicts[dead].status.state.value == "crashed" and "heartbeat stopped at" in verdicts[dead].status.basis
     assert verdicts[alive].status.state.value == "live" and list(report.proofs) == [dead]
@@ -195,12 +197,16 @@ def test_a_cloud_that_hangs_on_renewals_does_not_silence_the_heartbeat(cloud_env
 
 
 def _beats(run_id: str) -> list:
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 
     from slipstream.ownership.heartbeat import HEARTBEAT_EVENT
 
+    now = datetime.now(UTC)
     with get_client(sync_client=True) as client:
         page = client.read_events(filter=EventFilter(
+            occurred=EventOccurredFilter(since=now - timedelta(days=1), until=now + timedelta(days=1)),
             event=EventNameFilter(name=[HEARTBEAT_EVENT]),
             resource=EventResourceFilter(id=[f"slipstream.run.{run_id}"])), limit=50)
     return page.events

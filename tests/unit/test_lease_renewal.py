@@ -109,3 +109,18 @@ def test_keypairs_are_owned_only_for_run_ids_slipstream_makes(local_cloud, ledge
 def test_a_beating_runs_first_lease_covers_its_slowest_boot():
     assert first_lease(timedelta(minutes=15)) == FIRST_LEASE == timedelta(hours=1)
     assert first_lease(timedelta(hours=2)) == timedelta(hours=2) + LEASE_AFTER_BEAT
+
+
+def test_a_renewal_the_cloud_refuses_says_when_the_run_may_lose_its_resources(local_cloud, ledger, caplog):
+    """A cloud failing every renewal (5xx) lets the lease run out under a live run, and the reaper
+    then deletes it: the run's log says so, with the time, instead of 'a heartbeat could not be sent'."""
+    owner = Ownership.new("refused", lease=timedelta(minutes=10))  # due for renewal
+    with Lease(local_cloud, owner, ledger=ledger) as lease:
+        (server,) = lease.create_servers(ServerSpec("refused", "m3.tiny", NOOP))
+        wait_for_servers(local_cloud, owner.run_id, [server.id], timeout=20, poll_interval=0.05)
+        local_cloud.fail_next("renew_lease", 1)
+        with caplog.at_level("ERROR", logger="slipstream.ownership.lease"), pytest.raises(Exception):
+            lease.renew()
+        (record,) = [r for r in caplog.records if "could not be renewed" in r.getMessage()]
+        assert f"{owner.expires_at:%Y-%m-%d %H:%M} UTC" in record.getMessage() and owner.run_id in record.getMessage()
+        assert lease.renew() == 1 and lease.lease_ends > owner.expires_at  # the next beat renews it
