@@ -144,3 +144,13 @@ def test_the_tail_of_a_huge_output_is_read_without_reading_the_whole_file(tmp_pa
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
     assert result.returncode == 0, result.stderr[-500:]
     assert result.stdout.splitlines() == ["line 27", "line 28", "line 29"]
+
+
+@pytest.mark.parametrize("content", ["[]", "null", '{"c-1": 3}', '{"c-1": {"count": 1}}', "{\"c-1\": {\"cou"])
+def test_a_damaged_resume_failures_file_never_blocks_a_resume_or_its_failure_count(tmp_path, content):
+    # every resume and every resume-fail reads it: one that raises leaves the nodes with no VM and no back-off
+    (tmp_path / "resume-failures.json").write_text(content)
+    record = ResumeAttempts(tmp_path / "resume-failures.json", max_attempts=3, backoff=10)
+    assert record.holding(["c-1", "c-2"], 60) == {}
+    assert record.failed("c-1", "slurmd did not register").count == 1
+    assert "backing off until" in record.holding(["c-1"], 60)["c-1"]
