@@ -30,3 +30,18 @@ def test_a_running_job_and_the_daemon_it_forked_end_with_its_nodes_vm(local_clou
         local_cloud.delete_server(node.id)  # what a budget teardown does: no scancel first
         wait_until(lambda: not processes_naming(mark), timeout=30,
                    what=f"job {job}'s processes ended with the VM of jp-1")
+
+
+@pytest.mark.parametrize("name", ["100%j done.sh", "a\nb $(id).sh"])
+def test_a_script_whose_name_has_slurm_filename_patterns_still_gets_its_output_back(local_cloud, homes, name):  # noqa: F811
+    # sbatch expands %j, %x, %N ... in --output: run%j.sh's output went to run<id>/, no such directory
+    from slipstream.slurm.jobs import collect_outputs, submit_batch
+
+    (homes / "s").mkdir()
+    script = _job(homes / "s" / name, 'echo "it ran"\n')
+    with elastic_cluster(local_cloud, homes, "pc", max_nodes=1, suspend_time=300) as (cluster, run):
+        (job,) = submit_batch(cluster.slurm, [script], homes / "jobs")
+        (end,) = cluster.wait_for_jobs([job.job_id], timeout=120)
+        copied, missing = collect_outputs(job, [], homes / "results")
+        assert end.state == "COMPLETED" and missing == []
+        assert (homes / "results" / f"{script.stem}.out").read_text() == "it ran\n"
