@@ -154,3 +154,12 @@ def test_a_damaged_resume_failures_file_never_blocks_a_resume_or_its_failure_cou
     assert record.holding(["c-1", "c-2"], 60) == {}
     assert record.failed("c-1", "slurmd did not register").count == 1
     assert "backing off until" in record.holding(["c-1"], 60)["c-1"]
+
+
+def test_a_node_that_booted_between_two_looks_is_still_reported_powering_up():
+    # the local cloud boots in 0.2 s and 22.05 drops POWERING_UP early: one poll may see down, the next up
+    watch = NodeWatch(["c-1"], every=10)
+    assert watch.see({"c-1": NodeInfo("c-1", "IDLE", frozenset({"CLOUD", "POWERED_DOWN"}))}) == []
+    lines = [line for _, line in watch.see({"c-1": NodeInfo("c-1", "ALLOCATED", frozenset({"CLOUD"}),
+                                                            address="127.64.0.9")})]
+    assert lines == ["node c-1: powering up (creating its VM, then slurmd registers)", "node c-1: up at 127.64.0.9"]
