@@ -53,6 +53,9 @@ class ResumeAttempts:
                 data = json.loads(self.path.read_text()) if self.path.exists() else {}
             except ValueError:
                 data = {}  # a torn file: start counting again rather than refuse every resume
+            if not isinstance(data, dict):  # an edited or foreign file: the same
+                data = {}
+            data = {node: entry for node, entry in data.items() if _well_formed(entry)}
             yield data
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(data, indent=1))
@@ -85,3 +88,12 @@ class ResumeAttempts:
             found = {n: NodeAttempts(**data[n]) for n in nodes if n in data}
         return {n: self.reason(n, a, resume_timeout) for n, a in found.items()
                 if self.given_up(a) or now < self.retry_at(a)}
+
+
+def _well_formed(entry: object) -> bool:
+    """An entry :class:`NodeAttempts` can be made of (others are dropped: counting starts again)."""
+    try:
+        NodeAttempts(**entry)  # type: ignore[arg-type]
+        return isinstance(entry["count"], int) and isinstance(entry["last_failure"], (int, float))  # type: ignore[index]
+    except TypeError:
+        return False

@@ -126,8 +126,10 @@ class ElasticCluster:
 
     def cancel_all(self, timeout: float = 30.0) -> None:
         """Cancel every job and wait (up to ``timeout``) until no node still runs one, so the VMs
-        are deleted under no job: slurmstepd leaves slurmd's process group (and, on the local cloud,
-        would outlive its VM)."""
+        are deleted under no job, which ends it the way Slurm does (its epilog, its output flushed).
+        A VM deleted under a running job (a budget teardown) still ends the job's processes: the
+        local cloud finds slurmstepd by slurmd's environment, and the job as its descendants
+        (tests/integration/test_slurm_job_processes.py)."""
         self.slurm.run("scancel", f"--partition={PARTITION}")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -196,8 +196,8 @@ class Slurm:
         argv = ["sbatch", "--parsable"]
         if partition:
             argv.append(f"--partition={partition}")
-        if output:
-            argv.append(f"--output={output}")
+        if output:  # sbatch expands %j, %x, %N ... in it ("%%" is a "%"): a script called 100%j.sh
+            argv.append(f"--output={str(output).replace('%', '%%')}")
         if workdir:
             argv.append(f"--chdir={workdir}")
         if job_name:

@@ -144,17 +144,18 @@ class JobTracker:
 
 def collect_outputs(job: BatchJob, outputs: Sequence[str], target: Path) -> tuple[list[Path], list[str]]:
     """Copy the job's Slurm output and each of ``outputs`` that exists into ``target``, keeping
-    relative paths; returns (copied files, names of the outputs that do not exist)."""
+    relative paths; returns (copied files, names of the outputs that do not exist). A link, at the
+    top or inside an output directory, is followed only while it stays inside the job's directory:
+    the job must not make the flow copy its user's files, and a dangling link must not fail the run."""
     copied, missing = [], []
     target.mkdir(parents=True, exist_ok=True)
     home = job.workdir.resolve()
     for rel in [job.output.name, *outputs]:
         source = job.workdir / rel
-        if not source.resolve().is_relative_to(home):  # a symlink out of the job's directory
-            missing.append(f"{rel} (points outside the job's directory)")
+        if not _inside(source, home, rel, missing):
             continue
         if source.is_dir():
-            shutil.copytree(source, target / rel, dirs_exist_ok=True)
+            _copy_tree(source, target / rel, home, rel, missing)
         elif source.is_file():
             (target / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target / rel)
@@ -165,9 +166,36 @@ def collect_outputs(job: BatchJob, outputs: Sequence[str], target: Path) -> tupl
     return copied, missing
 
 
-def tail(path: Path, lines: int = 20) -> str:
+def _inside(source: Path, home: Path, rel: str, skipped: list[str]) -> bool:
+    if not source.resolve().is_relative_to(home):
+        skipped.append(f"{rel} (points outside the job's directory)")
+        return False
+    if source.is_symlink() and not source.exists():
+        skipped.append(f"{rel} (points nowhere)")
+        return False
+    return True
+
+
+def _copy_tree(source: Path, target: Path, home: Path, rel: str, skipped: list[str]) -> None:
+    """``copytree`` that skips (and names) links leaving ``home`` or pointing nowhere; a linked
+    directory is not entered (a link to its parent would never end)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(source.iterdir()):
+        entry_rel = f"{rel}/{entry.name}"
+        if not _inside(entry, home, entry_rel, skipped):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            _copy_tree(entry, target / entry.name, home, entry_rel, skipped)
+        elif entry.is_file():
+            shutil.copyfile(entry, target / entry.name)
+
+
+def tail(path: Path, lines: int = 20, most: int = 64 * 1024) -> str:
+    """The last ``lines`` lines of ``path``, reading at most its last ``most`` bytes (a job may print gigabytes)."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - most))
+            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no output file)"
 

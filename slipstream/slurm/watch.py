@@ -54,13 +54,14 @@ class NodeWatch:
                 self._phase[name] = phase
                 if phase == "booting":
                     self._since[name] = self._told[name] = now
+                if phase == "booting" or (phase == "up" and was == "down"):  # it may boot between two looks
                     lines.append((logging.INFO, f"node {name}: powering up (creating its VM, then slurmd registers)"))
-                elif phase == "up":
+                if phase == "up":
                     took = f" after {now - self._since[name]:.0f} s" if name in self._since else ""
                     lines.append((logging.INFO, f"node {name}: up at {node.address}{took}"))
                 elif phase == "down":
                     lines.append((logging.INFO, f"node {name}: powering down (its VM is deleted)"))
-                else:
+                elif phase == "not responding":
                     lines.append((logging.WARNING, f"node {name}: not responding (its slurmd is unreachable)"))
             elif phase == "booting" and now - self._told.get(name, now) >= self.every:
                 self._told[name] = now

@@ -26,7 +26,12 @@ pytestmark = pytest.mark.slurm
 def daemons_of(directory: Path) -> list[str]:
     """Command lines of running processes that name the cluster's directory (slurmctld, slurmd and
     munged are started with paths inside it)."""
-    needle = str(directory).encode()
+    return processes_naming(str(directory))
+
+
+def processes_naming(text: str) -> list[str]:
+    """Command lines of running processes (other than this one) that contain ``text``."""
+    needle = text.encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():

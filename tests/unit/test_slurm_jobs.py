@@ -104,3 +104,62 @@ def test_failed_resumes_back_off_and_end_in_giving_the_node_up(tmp_path, monkeyp
     clock[0] += 10_000
     held = record.holding(["c-1"], 60)["c-1"]
     assert held.startswith(GAVE_UP) and "3 failed resume(s) of c-1" in held and record.given_up(third)
+
+
+def test_an_output_directory_brings_back_its_files_but_not_what_its_links_point_to(tmp_path):
+    # A hostile (or merely tidy) job: a link to a file of the flow's user, and a dangling link.
+    secret = tmp_path / "secret"
+    secret.write_text("not the job's")
+    work = tmp_path / "jobs" / "run"
+    (work / "out" / "sub").mkdir(parents=True)
+    (work / "out" / "sub" / "result.txt").write_text("R")
+    (work / "out" / "stolen").symlink_to(secret)
+    (work / "out" / "latest").symlink_to(work / "out" / "gone-run")
+    (work / "out" / "inside").symlink_to(work / "out" / "sub" / "result.txt")
+    (work / "run.out").write_text("log")
+    copied, missing = collect_outputs(BatchJob("4", Path("run.sh"), "run", work), ["out"], tmp_path / "results")
+    out = tmp_path / "results" / "out"
+    assert (out / "sub" / "result.txt").read_text() == "R" and (out / "inside").read_text() == "R"
+    assert not (out / "stolen").exists() and not (out / "stolen").is_symlink()
+    assert not (out / "latest").is_symlink()
+    assert sorted(missing) == ["out/latest (points nowhere)", "out/stolen (points outside the job's directory)"]
+    assert out in copied
+
+
+def test_the_tail_of_a_huge_output_is_read_without_reading_the_whole_file(tmp_path):
+    # a job that printed 2 GB: the failure message needs its last lines, not 2 GB of memory
+    import resource
+    import subprocess
+    import sys
+    huge = tmp_path / "run.out"
+    with open(huge, "wb") as f:
+        f.truncate(2 * 1024**3)
+        f.seek(0, 2)
+        f.write(b"".join(f"line {i}\n".encode() for i in range(30)))
+    limit = 600 * 1024**2  # the interpreter needs ~100 MB; reading the file needs > 2 GB
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from slipstream.slurm.jobs import tail; "
+                               "print(tail(Path(sys.argv[1]), 3))", str(huge)],
+        capture_output=True, text=True, timeout=60,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert result.returncode == 0, result.stderr[-500:]
+    assert result.stdout.splitlines() == ["line 27", "line 28", "line 29"]
+
+
+@pytest.mark.parametrize("content", ["[]", "null", '{"c-1": 3}', '{"c-1": {"count": 1}}', "{\"c-1\": {\"cou"])
+def test_a_damaged_resume_failures_file_never_blocks_a_resume_or_its_failure_count(tmp_path, content):
+    # every resume and every resume-fail reads it: one that raises leaves the nodes with no VM and no back-off
+    (tmp_path / "resume-failures.json").write_text(content)
+    record = ResumeAttempts(tmp_path / "resume-failures.json", max_attempts=3, backoff=10)
+    assert record.holding(["c-1", "c-2"], 60) == {}
+    assert record.failed("c-1", "slurmd did not register").count == 1
+    assert "backing off until" in record.holding(["c-1"], 60)["c-1"]
+
+
+def test_a_node_that_booted_between_two_looks_is_still_reported_powering_up():
+    # the local cloud boots in 0.2 s and 22.05 drops POWERING_UP early: one poll may see down, the next up
+    watch = NodeWatch(["c-1"], every=10)
+    assert watch.see({"c-1": NodeInfo("c-1", "IDLE", frozenset({"CLOUD", "POWERED_DOWN"}))}) == []
+    lines = [line for _, line in watch.see({"c-1": NodeInfo("c-1", "ALLOCATED", frozenset({"CLOUD"}),
+                                                            address="127.64.0.9")})]
+    assert lines == ["node c-1: powering up (creating its VM, then slurmd registers)", "node c-1: up at 127.64.0.9"]
