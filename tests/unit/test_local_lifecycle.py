@@ -158,6 +158,8 @@ def test_invalid_transitions_are_conflicts(local_cloud, operation, status):
 
 
 def test_deleted_servers_are_gone_but_their_log_stays(local_cloud):
+    # Deleted while still in BUILD: a boot that outlasts the test, even on a loaded machine.
+    LocalCloud(options=replace(local_cloud.options, faults=FaultOptions(extra_boot_delay=60)))
     who = owner()
     (server,) = local_cloud.create_servers(ServerSpec("gone", "m3.tiny", NOOP), who)
     vm_dir = local_cloud.home / "vms" / server.id
