@@ -47,7 +47,7 @@ def setting(request, tmp_path):
 
 @pytest.fixture
 def owner() -> Ownership:
-    return Ownership.new("fallback", run_id=f"t{uuid.uuid4().hex[:12]}", lease=timedelta(hours=1))
+    return Ownership.new("fallback", run_id=uuid.uuid4().hex, lease=timedelta(hours=1))
 
 
 def test_the_next_flavour_boots_after_the_failed_attempt_is_deleted(setting, owner, tmp_path):
