@@ -33,6 +33,7 @@ from openstack_lab import (  # noqa: F401  (the fixtures register themselves by 
 from support import owner as new_owner
 
 from slipstream.cloud.errors import CapacityError, InvalidRequest, QuotaExceeded
+from slipstream.cloud.local import FaultOptions, LocalCloud, LocalCloudOptions
 from slipstream.cloud.fallback import Candidate, create_with_fallback
 from slipstream.cloud.models import ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
@@ -326,13 +327,19 @@ def test_two_runs_racing_for_the_ssh_group_settle_on_one_that_nova_accepts(ssh_r
 
 # --- fallback to a region without the key --------------------------------------------------------
 
+
+def embedded_region(home: Path, **faults) -> LocalCloud:
+    """A second region for fallback cases: an embedded cloud, which keeps its own keypairs and
+    security groups as a real second region does."""
+    return LocalCloud(options=LocalCloudOptions(home=home, boot_delay=0.2, stop_grace=0.5,
+                                                faults=FaultOptions(**faults)))
+
+
 def test_fallback_to_a_region_without_the_key_imports_the_runs_key_there(lab_cloud, owner, no_host_flavor, tmp_path):
     """The lab has no room (no valid host); the other region — an embedded cloud, which has its own
     keypairs as a real second region does — has never seen the run's key. The key is imported
     there through that region's lease, and both regions end empty."""
-    local = pytest.importorskip("slipstream.cloud.local")
-    other = local.LocalCloud(options=local.LocalCloudOptions(home=tmp_path / "other-region", boot_delay=0.2,
-                                                              stop_grace=0.5))
+    other = embedded_region(tmp_path / "other-region")
     public_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl weather@test"
     ledger = Ledger(tmp_path / "l.db")
     try:
@@ -354,9 +361,7 @@ def test_fallback_to_a_region_without_the_key_imports_the_runs_key_there(lab_clo
 def test_fallback_with_the_users_own_key_in_every_region_is_not_refused(lab_cloud, owner, no_host_flavor, tmp_path):
     """A researcher's own keypair (imported by hand into each region, not slipstream's) is in both
     regions: the fallback goes ahead instead of calling it missing, and touches neither copy."""
-    local = pytest.importorskip("slipstream.cloud.local")
-    other = local.LocalCloud(options=local.LocalCloudOptions(home=tmp_path / "other-region", boot_delay=0.2,
-                                                              stop_grace=0.5))
+    other = embedded_region(tmp_path / "other-region")
     public_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl mine@test"
     mine = f"my-laptop-{uuid.uuid4().hex[:8]}"
     lab_cloud.conn.compute.create_keypair(name=mine, public_key=public_key)  # as `openstack keypair create`
@@ -379,10 +384,7 @@ def test_fallback_with_the_users_own_key_in_every_region_is_not_refused(lab_clou
 
 def test_fallback_to_a_region_without_the_users_own_key_is_refused_naming_it(lab_cloud, owner, tiny, tmp_path):
     """The user's own key exists only in the first region: refused up front, naming key and region."""
-    local = pytest.importorskip("slipstream.cloud.local")
-    first = local.LocalCloud(options=local.LocalCloudOptions(
-        home=tmp_path / "first-region", boot_delay=0.2, stop_grace=0.5,
-        faults=local.FaultOptions(no_capacity=("g3.large",))))
+    first = embedded_region(tmp_path / "first-region", no_capacity=("g3.large",))
     mine = f"my-laptop-{uuid.uuid4().hex[:8]}"
     first.create_keypair(mine, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl a@b")
     ledger = Ledger(tmp_path / "l.db")
@@ -404,10 +406,7 @@ def test_fallback_to_a_region_without_the_security_group_is_refused_before_anyth
         lab_cloud, owner, tiny, tmp_path):
     """Security groups belong to one region: a spec naming one the lab lacks is refused up front,
     before the first region is even tried — not after its capacity ran out."""
-    local = pytest.importorskip("slipstream.cloud.local")
-    first = local.LocalCloud(options=local.LocalCloudOptions(
-        home=tmp_path / "first-region", boot_delay=0.2, stop_grace=0.5,
-        faults=local.FaultOptions(no_capacity=("g3.large",))))
+    first = embedded_region(tmp_path / "first-region", no_capacity=("g3.large",))
     missing = f"only-in-another-region-{uuid.uuid4().hex[:8]}"
     ledger = Ledger(tmp_path / "l.db")
     try:
