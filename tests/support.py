@@ -21,3 +21,30 @@ def wait_until(predicate, timeout: float = 15.0, what: str = "condition"):
         assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
         time.sleep(0.02)
     return result
+
+
+def prefect_logs(flow_run_id=None, send_queued: bool = True) -> list[str]:
+    """Every log message the Prefect API holds (only one flow run's, if given), oldest first."""
+    return [log.message for log in prefect_log_records(flow_run_id, send_queued)]
+
+
+def prefect_log_records(flow_run_id=None, send_queued: bool = True) -> list:
+    """Every log record the Prefect API holds (only one flow run's, if given), oldest first.
+
+    Prefect ships log lines to its API in the background, so a flow that has just returned may
+    not have sent its last ones yet: unless ``send_queued`` is false, the lines this process
+    still holds are sent first."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    if send_queued:
+        APILogHandler().flush()
+    wanted = None if flow_run_id is None else LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(str(flow_run_id))]))
+    records: list = []
+    with get_client(sync_client=True) as client:
+        while batch := client.read_logs(log_filter=wanted, limit=200, offset=len(records)):
+            records += batch
+    return records

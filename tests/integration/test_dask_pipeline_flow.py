@@ -15,7 +15,7 @@ from distributed.core import Status
 from distributed.scheduler import Scheduler
 
 from slipstream.cloud.errors import InvalidRequest
-from tests.support import wait_until
+from tests.support import prefect_logs, wait_until
 
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -35,13 +35,7 @@ def dask_worker_processes() -> list[int]:
 
 def api_log_lines(prefix: str) -> list[str]:
     """Messages starting with ``prefix`` among every log line the Prefect API holds, oldest first."""
-    from prefect.client.orchestration import get_client
-
-    lines: list[str] = []
-    with get_client(sync_client=True) as client:
-        while batch := client.read_logs(limit=200, offset=len(lines)):
-            lines += [log.message for log in batch]
-    return [line for line in lines if line.startswith(prefix)]
+    return [line for line in prefect_logs() if line.startswith(prefix)]
 
 
 def test_the_pipeline_scales_from_zero_to_many_and_back_and_leaves_nothing(cloud_env):

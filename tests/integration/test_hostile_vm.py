@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 from prefect.blocks.system import Secret
-from prefect.client.orchestration import get_client
+
+from support import prefect_logs
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -32,8 +33,7 @@ def test_escapes_fake_lines_hostile_names_and_an_echoed_secret_never_reach_the_l
                    secret_env={"API_TOKEN": "hostile-token"}, return_state=True)
     assert state.is_failed()
     failure = str(state.result(raise_on_failure=False))
-    with get_client(sync_client=True) as client:
-        logs = [entry.message for entry in client.read_logs()]
+    logs = prefect_logs()
 
     # The job's escapes and carriage return are shown, not obeyed: no log line can be overwritten.
     assert "| working\\x1b[2K\\r\\x1b[1;32mteardown clean" in logs, logs

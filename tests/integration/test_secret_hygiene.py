@@ -37,7 +37,7 @@ from slipstream.blocks.openstack import OpenStackCredentials
 from slipstream.flows.vm_job import vm_job
 from slipstream import ssh
 from slipstream.cloud.local.servers import ServerOps
-from support import wait_until
+from support import prefect_log_records, wait_until
 
 FAKE_SECRET = f"fake-app-cred-secret-{uuid.uuid4().hex}"
 JOB_SECRET = f"job-token-{uuid.uuid4().hex}"
@@ -96,7 +96,7 @@ def api_texts() -> list[tuple[str, str]]:
     """Every log line, artifact, state message and parameter set the Prefect API holds."""
     out = []
     with get_client(sync_client=True) as client:
-        out += [("API log", f"{log.name}: {log.message}") for log in client.read_logs()]
+        out += [("API log", f"{log.name}: {log.message}") for log in prefect_log_records()]
         out += [("artifact", f"{a.key} {a.description} {a.data}") for a in client.read_artifacts()]
         for run in client.read_flow_runs():
             out.append(("flow run", f"{run.name} {run.parameters} {run.state and run.state.message}"))

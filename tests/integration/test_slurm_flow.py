@@ -13,7 +13,7 @@ import pytest
 
 from slipstream.slurm.jobs import JobCannotRun, JobsFailed
 from tests.integration.test_slurm_cluster import daemons_of, flow_env, homes  # noqa: F401 (fixtures)
-from tests.support import wait_until
+from tests.support import prefect_logs, wait_until
 
 pytestmark = pytest.mark.slurm
 
@@ -22,15 +22,6 @@ def _script(path: Path, body: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("#!/bin/sh\n" + body)
     return str(path)
-
-
-def _flow_logs(run_id: str) -> list[str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        return [log.message for log in client.read_logs(log_filter=LogFilter(
-            flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id)])), limit=200)]
 
 
 def _artifact(run_id: str, key: str):
@@ -64,7 +55,7 @@ def test_each_jobs_outputs_come_back_and_a_failed_job_fails_the_run_with_its_exi
     assert (run_dir / "run-1" / "out" / "summary.json").read_text().strip() == "A"
     assert (run_dir / "run-2" / "out" / "summary.json").read_text().strip() == "B"
     assert (run_dir / "run-1" / "run.out").read_text().strip() == "done A"
-    logs = _flow_logs(run_id)
+    logs = prefect_logs(run_id)
     assert any("did not leave out/plot.png" in m for m in logs)
     assert any(m.startswith("node fo-") and "powering up" in m for m in logs)   # boots are reported …
     assert any(m.startswith("node fo-") and " up at 127.64." in m for m in logs)  # … while they happen

@@ -11,12 +11,11 @@ import re
 import threading
 
 import pytest
-from prefect.client.orchestration import get_client
 
 from slipstream.cost.accounting import meter_servers
 from slipstream.ownership.ledger import Ledger
 from slipstream.vmjob import JobFailed
-from support import wait_until
+from support import prefect_logs, wait_until
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -39,8 +38,7 @@ def test_every_existing_output_comes_back_under_its_path_and_the_missing_one_is_
     # The job's full stdout and stderr are kept beside its outputs.
     assert (results / "stdout.txt").read_text() == "all done\n"
     assert (results / "stderr.txt").read_text() == "a warning\n"
-    with get_client(sync_client=True) as client:
-        logs = [entry.message for entry in client.read_logs()]
+    logs = prefect_logs()
     assert any("not on the VM (nothing to download): out/plot.png" in m for m in logs), logs
     assert not any("No such file" in m for m in logs)  # named once, never retried
     assert cloud_env.list_servers() == []
@@ -93,13 +91,12 @@ def test_output_is_streamed_into_the_logs_while_the_job_runs(cloud_env, tmp_path
         flavor="m3.tiny", command=command, results_dir=str(tmp_path / "res"))))
     runner.start()
     try:
-        with get_client(sync_client=True) as client:
-            def seen() -> list[str]:
-                logs = [entry.message for entry in client.read_logs()]
-                progress = [m for m in logs if re.fullmatch(r"running for \d+\.\d s, \d+\.\d{4} SU so far", m)]
-                return logs if progress and "| FIRST-LINE" in logs else []
+        def seen() -> list[str]:
+            logs = prefect_logs(send_queued=False)  # lines must arrive while the job runs
+            progress = [m for m in logs if re.fullmatch(r"running for \d+\.\d s, \d+\.\d{4} SU so far", m)]
+            return logs if progress and "| FIRST-LINE" in logs else []
 
-            logs = wait_until(seen, timeout=120, what="the first line and a progress line in the run's logs")
+        logs = wait_until(seen, timeout=120, what="the first line and a progress line in the run's logs")
         assert runner.is_alive() and "| LAST-LINE" not in logs
         assert "! on-stderr" in logs
     finally:
