@@ -15,6 +15,9 @@ def load_cloud(ref: str) -> CloudProvider:
     """The cloud a flow parameter names: "local" or "<block-type-slug>/<document-name>"."""
     from prefect.blocks.core import Block
 
+    # Block.load finds a block's class only once its module is imported, and a process that only
+    # reaps (`slipstream reap`) has imported no flow that would have done it.
+    from slipstream.blocks import openstack  # noqa: F401
     from slipstream.blocks.local_cloud import LocalCloudBlock
 
     if ref in ("", "local"):

@@ -71,6 +71,33 @@ def _cli(*args: str, api: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(slipstream), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
+def test_a_saved_openstack_cloud_that_does_not_answer_is_named_and_the_others_still_reaped(cloud_env, prefect_api,
+                                                                                          tmp_path):
+    """`slipstream reap` loads every saved OpenStack cloud. It crashed with a KeyError on the
+    first one (the block's class was never imported in the CLI), so it reaped nothing at all."""
+    from slipstream.blocks.openstack import OpenStackCredentials
+
+    clouds_yaml = tmp_path / "clouds.yaml"
+    clouds_yaml.write_text("clouds:\n  gone:\n    auth:\n      auth_url: http://127.0.0.1:9/v3\n"
+                           "      application_credential_id: an-id\n      application_credential_secret: a-secret\n"
+                           "    auth_type: v3applicationcredential\n    api_timeout: 5\n")
+    OpenStackCredentials(cloud="gone", clouds_yaml_path=str(clouds_yaml)).save("unreachable", overwrite=True)
+    dead = _flow_run_id(StateType.CRASHED)
+    _left_behind(cloud_env, dead, Ledger(tmp_path / "another-host.db"))
+
+    try:
+        out = _cli("reap", "--grace", "0", "--yes", api=prefect_api)
+    finally:
+        OpenStackCredentials.delete("unreachable")  # the other tests here reap "local" alone
+    assert "note: cannot list slipstream-openstack-credentials/unreachable: " in out.stdout, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr and cloud_env.list_servers() == [], out.stdout + out.stderr
+
+
+def _flow_run_id(state: StateType) -> str:
+    with get_client(sync_client=True) as client:
+        return _flow_run(client, state)
+
+
 def test_the_reaper_flow_reaps_a_dead_run_and_leaves_a_running_and_an_unknown_one(cloud_env, prefect_api, tmp_path):
     from slipstream.flows.reaper import reaper
 
