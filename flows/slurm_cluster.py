@@ -22,6 +22,7 @@ cluster's ``SLURM_CONF`` on this machine; real clouds would need SSH to the head
 # No `from __future__ import annotations`: flow.serve() pickles the flow by value (see vm_job).
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -103,9 +104,10 @@ def submit_scripts(cluster: ElasticCluster, scripts: list[Path]) -> list[BatchJo
 
 @task(name="wait-for-slurm-jobs", cache_policy=CLOUD_TASK_OPTIONS["cache_policy"])
 def wait_for_jobs(cluster: ElasticCluster, jobs: list[BatchJob], outputs: list[str], results: Path,
-                  timeout: float, sweep_every: float = 15.0) -> dict[str, SlurmJobResult]:
-    """Wait for every job (deadline ``timeout``), bringing back each job's outputs as it ends,
-    reporting the jobs and the nodes as they change, and sweeping orphans."""
+                  timeout: float, sweep_every: float = 15.0,
+                  stop: threading.Event | None = None) -> dict[str, SlurmJobResult]:
+    """Wait for every job (deadline ``timeout``, or until ``stop`` is set), bringing back each
+    job's outputs as it ends, reporting the jobs and the nodes as they change, and sweeping orphans."""
     logger = get_run_logger()
     power = SlurmPower(cluster.settings, cluster.lease.cloud)
     by_id = {j.job_id: j for j in jobs}
@@ -154,17 +156,20 @@ def wait_for_jobs(cluster: ElasticCluster, jobs: list[BatchJob], outputs: list[s
                 logger.warning("sweep: %s: %s", name, action)
 
     cluster.wait_for_jobs(list(by_id), timeout=timeout, on_progress=show, on_end=collect, on_nodes=watch_nodes,
-                          every=sweep)
+                          every=sweep, stop=stop)
     return ended
 
 
-def stop_unfinished_jobs(cluster: ElasticCluster, jobs: list[BatchJob], outputs: list[str], results: Path) -> None:
-    """The run is failing (deadline, an impossible job, a budget, Ctrl-C): cancel the jobs, then
-    bring back what the unfinished ones wrote so far, before the lease deletes the cluster."""
+def stop_unfinished_jobs(cluster: ElasticCluster, jobs: list[BatchJob], outputs: list[str], results: Path,
+                         cancel: bool = True) -> None:
+    """The run is failing (deadline, an impossible job, a budget, Ctrl-C): cancel the jobs (unless
+    the cluster is already being deleted), then bring back what the unfinished ones wrote so far,
+    before the lease deletes the cluster."""
     logger = get_run_logger()
     try:
-        cluster.cancel_all()
-    except CloudError as err:  # slurmctld may be gone with its VM (budget spent): keep the outputs anyway
+        if cancel:
+            cluster.cancel_all()
+    except CloudError as err:  # slurmctld may be gone with its VM: keep the outputs anyway
         logger.warning("could not cancel the cluster's jobs: %s", err)
     for job in jobs:
         if not (results / job.label).exists():  # ended jobs were collected as they ended
@@ -282,14 +287,17 @@ def slurm_cluster(
     results = Path(results_dir) / owner.run_id
     lease = Lease(provider, owner, on_event=resource_event_emitter(owner, provider.name))
     failure: BaseException | None = None
+    budget_spent = threading.Event()  # set by the watchdog just before it deletes the whole cluster
     try:
-        with lease, watching_budget(lease, budget_su, allocation=held_allocation, interval=budget_check_seconds):
+        with lease, watching_budget(lease, budget_su, allocation=held_allocation, interval=budget_check_seconds,
+                                    stop_work=budget_spent.set):
             cluster = start_slurm_cluster(lease, plan)
             jobs = submit_scripts(cluster, paths)
             try:
-                ended = wait_for_jobs(cluster, jobs, wanted_outputs, results, timeout=max_hours * 3600)
+                ended = wait_for_jobs(cluster, jobs, wanted_outputs, results, timeout=max_hours * 3600,
+                                      stop=budget_spent)
             except BaseException:
-                stop_unfinished_jobs(cluster, jobs, wanted_outputs, results)
+                stop_unfinished_jobs(cluster, jobs, wanted_outputs, results, cancel=not budget_spent.is_set())
                 raise
             collected = [ended[j.job_id] for j in jobs]
             if fail_on_job_failure:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ log = logging.getLogger("slipstream.slurm.cluster")
 
 class NodesGaveUp(CloudError):
     """Every node of the cluster was given up after failed resumes; waiting cannot help."""
+
+
+class WaitStopped(CloudError):
+    """The wait was told to stop: the run is being torn down (its budget was spent)."""
 
 
 @dataclass(frozen=True)
@@ -71,26 +76,35 @@ class ElasticCluster:
                       on_progress: Callable[[list[JobInfo]], None] | None = None,
                       on_end: Callable[[JobInfo], None] | None = None,
                       on_nodes: Callable[[dict[str, NodeInfo]], None] | None = None,
-                      every: Callable[[], None] | None = None, poll: float = 1.0) -> list[JobInfo]:
+                      every: Callable[[], None] | None = None, poll: float = 1.0,
+                      stop: threading.Event | None = None) -> list[JobInfo]:
         """Wait until every job has ended; returns each job's end (see :class:`JobTracker`).
 
         Each round: ``on_end`` for each job whose end is new, ``on_progress`` with every job,
         ``on_nodes`` with every node, ``every`` (the orphan sweep). A job that can never start
         is cancelled and raises :class:`JobCannotRun`; when every node has been given up (see
         :mod:`.attempts`) while jobs wait, :class:`NodesGaveUp`. A round where slurmctld does not
-        answer is logged and asked again, up to ``silence_limit`` seconds of silence."""
+        answer is logged and asked again, up to ``silence_limit`` seconds of silence. Once
+        ``stop`` is set (the budget watchdog is tearing the run down, slurmctld with it), the wait
+        raises :class:`WaitStopped` within ``poll`` seconds instead of asking a vanished slurmctld."""
         tracker = JobTracker(job_ids)
         deadline = time.monotonic() + timeout
         answered = time.monotonic()
+        stop = stop or threading.Event()
         while True:
+            if stop.is_set():
+                raise WaitStopped("stopped waiting for the jobs: the run is being torn down",
+                                  resource=self.settings.name)
             try:
                 snapshot, nodes = self.slurm.jobs(), self.slurm.nodes()
                 answered = time.monotonic()
             except SlurmCommandError as err:  # one busy or restarting slurmctld is no reason to fail
+                if stop.is_set():
+                    continue  # it went with the cluster: stop, above, without a warning
                 if time.monotonic() - answered > self.silence_limit:
                     raise
                 log.warning("slurmctld did not answer (%s); asking again", err)
-                time.sleep(poll)
+                stop.wait(poll)
                 continue
             for job in tracker.observe(snapshot):
                 if on_end:
@@ -122,7 +136,7 @@ class ElasticCluster:
                                   resource=self.settings.name, hint="Give the flow a larger max_hours.")
             if every:
                 every()
-            time.sleep(poll)
+            stop.wait(poll)
 
     def cancel_all(self, timeout: float = 30.0) -> None:
         """Cancel every job and wait (up to ``timeout``) until no node still runs one, so the VMs

@@ -18,7 +18,7 @@ from slipstream.cloud.models import Ownership, ServerSpec
 from slipstream.ownership.lease import Lease
 from slipstream.slurm.cluster import ClusterPlan, ElasticCluster, start_cluster
 from slipstream.slurm.power import SlurmPower
-from tests.support import owner, wait_until
+from tests.support import captured_logs, owner, prefect_logs, wait_until
 
 pytestmark = pytest.mark.slurm
 
@@ -181,13 +181,19 @@ def test_the_budget_watchdog_tears_a_cluster_down_when_its_budget_is_spent(flow_
 
     endless = _job(homes / "endless.sh", "sleep 600\n")
     # The head node alone (m3.tiny, 1 SU/h) spends 0.003 SU in under 11 s, long before the job ends.
-    with pytest.raises(BudgetExceeded, match="run budget spent: .* of 0.0030 SU; the run was torn down") as err:
+    with pytest.raises(BudgetExceeded, match="run budget spent: .* of 0.0030 SU; the run was torn down") as err, \
+            captured_logs() as messages:
         slurm_cluster(scripts=[str(endless)], name="bw", max_nodes=1, resume_timeout=60, max_hours=0.05,
                       budget_su=0.003, override_budget=True, budget_check_seconds=0.5,
                       results_dir=str(homes / "results"))
     run_id = err.value.resource.removeprefix("run ")
     assert flow_env.list_servers(run_id=run_id) == [] and flow_env.list_servers() == []
     assert all(h.deleted_at is not None for h in flow_env.server_history(run_id))
+    # Once the budget is spent the flow stops waiting at once: it does not keep asking the deleted
+    # head node's slurmctld for minutes (it did, for 2), nor try to cancel jobs through it.
+    spent = next(i for i, m in enumerate(messages) if "has spent its budget:" in m)  # the watchdog's own line
+    after = messages[spent:] + prefect_logs(run_id)
+    assert not [m for m in after if "slurmctld did not answer" in m or "could not cancel" in m], after
     wait_until(lambda: not [c for c in daemons_of(Path("/tmp")) if "slurm-bw-" in c], timeout=15,
                what="every daemon of the cluster ended")
 
