@@ -55,19 +55,74 @@ def local_cloud(tmp_path) -> Iterator[LocalCloud]:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def prefect_harness() -> Iterator[str]:
-    """A temporary Prefect server (SQLite) for one test module; yields its API URL.
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> Iterator[object]:
+    """One temporary Prefect server (SQLite) for the whole session, started on first use.
 
-    Module scope, not session: each module gets an empty server, so blocks, events and artifacts
-    one module saves never leak into another's assertions. Use it with
+    Starting one takes 15-35 s on a 2-core machine, and some twenty modules use one: a server
+    per module cost the suite about ten minutes. Tests therefore read back only what their own
+    runs wrote (filter by flow run, or by a run id in an event's resource)."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+    from prefect.testing.utilities import _find_available_port
+
+    database = tmp_path_factory.mktemp("prefect-server") / "prefect.db"
+    with temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{database}"}):
+        server = SubprocessASGIServer(port=_find_available_port())  # the child takes its settings now
+        server.start(timeout=120)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(prefect_server) -> Iterator[str]:
+    """Point Prefect at the session's temporary server for one test module; yields its API URL.
+
+    What prefect_test_harness does, less the server start: the API URL is set for this module
+    only (tests after it see no Prefect, as before), and the log and event lines still queued
+    are sent before the module ends. The blocks the module saved are deleted then, as a server of
+    its own would have forgotten them: the reaper reaps every saved cloud it finds. Use it with
     ``pytestmark = pytest.mark.usefixtures("prefect_harness")``.
     """
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.context import _temporary_global_settings_context, get_settings_context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogHandler
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
+    # Code that would start a temporary server of its own during a run finds this one instead.
+    prior_default = SubprocessASGIServer._instances.get(None)
+    SubprocessASGIServer._instances[None] = prefect_server
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}), \
+                _temporary_global_settings_context(get_settings_context()):
+            blocks_before = _saved_blocks()
+            yield prefect_server.api_url
+            APILogHandler().flush()
+            EventsWorker.drain_all(timeout=30)
+            _delete_blocks(_saved_blocks() - blocks_before)
+    finally:
+        if prior_default is None:
+            SubprocessASGIServer._instances.pop(None, None)
+        else:
+            SubprocessASGIServer._instances[None] = prior_default
+
+
+def _saved_blocks() -> set:
+    from prefect.client.orchestration import get_client
+
+    from support import every_page
+
+    with get_client(sync_client=True) as client:
+        return {doc.id for doc in every_page(client.read_block_documents, include_secrets=False)}
+
+
+def _delete_blocks(ids: set) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for block_id in ids:
+            client.delete_block_document(block_id)
 
 
 @pytest.fixture

@@ -33,9 +33,9 @@ def dask_worker_processes() -> list[int]:
     return found
 
 
-def api_log_lines(prefix: str) -> list[str]:
-    """Messages starting with ``prefix`` among every log line the Prefect API holds, oldest first."""
-    return [line for line in prefect_logs() if line.startswith(prefix)]
+def api_log_lines(run_id: str, prefix: str) -> list[str]:
+    """Messages starting with ``prefix`` among the run's log lines in the Prefect API, oldest first."""
+    return [line for line in prefect_logs(run_id) if line.startswith(prefix)]
 
 
 def test_the_pipeline_scales_from_zero_to_many_and_back_and_leaves_nothing(cloud_env):
@@ -65,7 +65,7 @@ def test_the_pipeline_scales_from_zero_to_many_and_back_and_leaves_nothing(cloud
     wait_until(lambda: not set(dask_worker_processes()) - before, timeout=10, what="no dask worker process left")
     assert all(s.status == Status.closed for s in list(Scheduler._instances))
     # Progress while it ran: workers booting, then joined, and tasks done out of the total.
-    progress = wait_until(lambda: api_log_lines("progress: "), timeout=30, what="progress lines in the run's logs")
+    progress = wait_until(lambda: api_log_lines(result.run_id, "progress: "), timeout=30, what="progress lines in the run's logs")
     assert any(" booting" in p and not p.endswith("0 booting, 0 parked; 0 VMs created so far") for p in progress)
     done = [tuple(map(int, re.match(r"progress: (\d+)/(\d+) tasks", p).groups())) for p in progress]
     assert done[-1][0] == done[-1][1] > 0 and any(0 <= d < t for d, t in done[:-1])

@@ -33,7 +33,7 @@ def test_escapes_fake_lines_hostile_names_and_an_echoed_secret_never_reach_the_l
                    secret_env={"API_TOKEN": "hostile-token"}, return_state=True)
     assert state.is_failed()
     failure = str(state.result(raise_on_failure=False))
-    logs = prefect_logs()
+    logs = prefect_logs(state.state_details.flow_run_id)
 
     # The job's escapes and carriage return are shown, not obeyed: no log line can be overwritten.
     assert "| working\\x1b[2K\\r\\x1b[1;32mteardown clean" in logs, logs

@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 from prefect import flow
-from prefect.testing.utilities import prefect_test_harness
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "contract"))
 
@@ -43,11 +42,10 @@ FIP_SHOWN_TIMEOUT = 30.0  # seconds: deadline for Nova to show an associated flo
 
 
 @pytest.fixture(scope="module", autouse=True)
-def prefect_harness(lab_cloud):
+def lab_and_prefect(lab_cloud, prefect_harness):
     # lab_cloud first: when the lab is down this skips (or fails under SLIPSTREAM_REQUIRE_LAB=1)
     # before a Prefect server is started for nothing.
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    yield
 
 
 @dataclass

@@ -20,7 +20,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "contract"))
 
@@ -132,21 +131,20 @@ def test_the_adapter_finds_the_service_in_the_catalogue_and_the_guard_uses_its_b
 
 
 def test_a_flow_is_refused_by_the_accounting_balance_before_anything_is_created(
-    accounting_service, lab_cloud, monkeypatch, tmp_path
+    accounting_service, lab_cloud, prefect_harness, monkeypatch, tmp_path
 ):
     monkeypatch.setenv("SLIPSTREAM_HOME", str(tmp_path / "slipstream"))
-    with prefect_test_harness(server_startup_timeout=120):
-        from slipstream.blocks.allocation import AllocationBlock
-        from slipstream.blocks.openstack import OpenStackCredentials
-        from slipstream.flows.vm_job import gpu_job
+    from slipstream.blocks.allocation import AllocationBlock
+    from slipstream.blocks.openstack import OpenStackCredentials
+    from slipstream.flows.vm_job import gpu_job
 
-        OpenStackCredentials(cloud="lab", clouds_yaml_path=str(lab_clouds_yaml())).save("lab-accounting", overwrite=True)
-        AllocationBlock(allocation_id="TRA160003", balance_source="accounting-service",
-                        cloud="slipstream-openstack-credentials/lab-accounting").save("lab-tra160003", overwrite=True)
-        servers_before = {s.id for s in lab_cloud.list_servers()}
-        with pytest.raises(BudgetExceeded, match="Jetstream2 GPU balance of allocation TRA160003: 200.00 SU left") as err:
-            gpu_job(command="true", flavor="g3.large", max_hours=8, cloud="slipstream-openstack-credentials/lab-accounting",
-                    allocation="lab-tra160003")
+    OpenStackCredentials(cloud="lab", clouds_yaml_path=str(lab_clouds_yaml())).save("lab-accounting", overwrite=True)
+    AllocationBlock(allocation_id="TRA160003", balance_source="accounting-service",
+                    cloud="slipstream-openstack-credentials/lab-accounting").save("lab-tra160003", overwrite=True)
+    servers_before = {s.id for s in lab_cloud.list_servers()}
+    with pytest.raises(BudgetExceeded, match="Jetstream2 GPU balance of allocation TRA160003: 200.00 SU left") as err:
+        gpu_job(command="true", flavor="g3.large", max_hours=8, cloud="slipstream-openstack-credentials/lab-accounting",
+                allocation="lab-tra160003")
     # 200 SU at 32 SU/h is 6.25 h, less the 0.67 h a vm_job may spend booting, transferring and
     # tearing down, which its worst case now counts.
     assert "Nothing was created" in str(err.value) and "shorten max_hours to 5.58 or less" in str(err.value)

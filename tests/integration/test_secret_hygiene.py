@@ -25,6 +25,7 @@ import socket
 import traceback
 import uuid
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ from slipstream.blocks.openstack import OpenStackCredentials
 from slipstream.flows.vm_job import vm_job
 from slipstream import ssh
 from slipstream.cloud.local.servers import ServerOps
-from support import prefect_log_records, wait_until
+from support import every_page, prefect_log_records, wait_until
 
 FAKE_SECRET = f"fake-app-cred-secret-{uuid.uuid4().hex}"
 JOB_SECRET = f"job-token-{uuid.uuid4().hex}"
@@ -92,23 +93,24 @@ def needles(private_keys: list[str]) -> dict[str, str]:
     return found
 
 
-def api_texts() -> list[tuple[str, str]]:
-    """Every log line, artifact, state message and parameter set the Prefect API holds."""
+def api_texts(since: datetime) -> list[tuple[str, str]]:
+    """Every log line, artifact, state message and parameter set the Prefect API holds, and the
+    slipstream.* events since ``since``."""
     out = []
     with get_client(sync_client=True) as client:
         out += [("API log", f"{log.name}: {log.message}") for log in prefect_log_records()]
-        out += [("artifact", f"{a.key} {a.description} {a.data}") for a in client.read_artifacts()]
-        for run in client.read_flow_runs():
+        out += [("artifact", f"{a.key} {a.description} {a.data}") for a in every_page(client.read_artifacts)]
+        for run in every_page(client.read_flow_runs):
             out.append(("flow run", f"{run.name} {run.parameters} {run.state and run.state.message}"))
-        out += [("task run", f"{t.name} {t.state and t.state.message}") for t in client.read_task_runs()]
-        out += [("event", json.dumps(e)) for e in wait_until(lambda: _slipstream_events(client), timeout=30,
+        out += [("task run", f"{t.name} {t.state and t.state.message}") for t in every_page(client.read_task_runs)]
+        out += [("event", json.dumps(e)) for e in wait_until(lambda: _slipstream_events(client, since), timeout=30,
                                                            what="the runs' slipstream.* events")]
     return out
 
 
-def _slipstream_events(client) -> list[dict]:
+def _slipstream_events(client, since: datetime) -> list[dict]:
     page = client.request("POST", "/events/filter", json={
-        "filter": {"event": {"prefix": ["slipstream."]}}, "limit": 50}).json()
+        "filter": {"event": {"prefix": ["slipstream."]}, "occurred": {"since": since.isoformat()}}, "limit": 50}).json()
     return page["events"]
 
 
@@ -123,6 +125,7 @@ def files_under(*roots: Path) -> list[tuple[str, str]]:
 
 def test_no_secret_or_private_key_anywhere_a_run_leaves_text(cloud_env, caplog, private_keys, sent_to_cloud, tmp_path):
     caplog.set_level(logging.DEBUG)
+    started = datetime.now(UTC)
     failures: list[str] = []
 
     Secret(value=JOB_SECRET).save("hygiene-job-token", overwrite=True)
@@ -160,7 +163,7 @@ def test_no_secret_or_private_key_anywhere_a_run_leaves_text(cloud_env, caplog, 
         + [("caplog traceback", _record_exception(r)) for r in caplog.records if r.exc_info]
         + [("exception", text) for text in failures]
         + [("sent to the cloud", text) for text in sent_to_cloud]
-        + api_texts()
+        + api_texts(since=started)
         + files_under(tmp_path / "slipstream", cloud_env.home, tmp_path / "results")
     )
     # The scan does see the runs' texts, the sign-in attempt, and a whole key's worth of needles.

@@ -38,7 +38,7 @@ def test_every_existing_output_comes_back_under_its_path_and_the_missing_one_is_
     # The job's full stdout and stderr are kept beside its outputs.
     assert (results / "stdout.txt").read_text() == "all done\n"
     assert (results / "stderr.txt").read_text() == "a warning\n"
-    logs = prefect_logs()
+    logs = prefect_logs(result.run_id)
     assert any("not on the VM (nothing to download): out/plot.png" in m for m in logs), logs
     assert not any("No such file" in m for m in logs)  # named once, never retried
     assert cloud_env.list_servers() == []
