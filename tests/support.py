@@ -10,11 +10,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
+from slipstream.cloud.local import FaultOptions, LocalCloud, LocalCloudOptions
 from slipstream.cloud.models import Ownership
 
 
 def owner(pipeline: str = "unit") -> Ownership:
     return Ownership.new(pipeline, run_id=uuid.uuid4().hex, lease=timedelta(hours=1))
+
+
+def embedded_region(home, **faults) -> LocalCloud:
+    """Another region for fallback cases: an embedded cloud (with ``faults``), which keeps its own
+    keypairs and security groups as a real second region does."""
+    return LocalCloud(options=LocalCloudOptions(home=home, boot_delay=0.2, stop_grace=0.5,
+                                                faults=FaultOptions(**faults)))
 
 
 def wait_until(predicate, timeout: float = 15.0, what: str = "condition"):

@@ -18,19 +18,9 @@ from slipstream.cloud.fallback import Candidate, create_with_fallback
 from slipstream.cloud.models import Ownership, ServerSpec, ServerStatus
 from slipstream.ownership.lease import Lease
 from slipstream.ownership.ledger import Ledger
+from support import embedded_region
 
 FULL = "g3.large"  # LocalCloud: a GPU flavour whose hosts are full
-
-
-def local_cloud_without(tmp_path, name: str, no_capacity: tuple[str, ...]):
-    local = pytest.importorskip("slipstream.cloud.local")
-    options = local.LocalCloudOptions(
-        home=tmp_path / name,
-        boot_delay=0.2,
-        stop_grace=0.5,
-        faults=local.FaultOptions(no_capacity=no_capacity),
-    )
-    return local.LocalCloud(options=options)
 
 
 @pytest.fixture(params=["local", "lab"])
@@ -40,7 +30,7 @@ def setting(request, tmp_path):
         cloud = request.getfixturevalue("lab_cloud")
         yield cloud, request.getfixturevalue("no_host_flavor"), "m3.tiny", "Featured-Ubuntu24"
         return
-    cloud = local_cloud_without(tmp_path, "region-a", (FULL,))
+    cloud = embedded_region(tmp_path / "region-a", no_capacity=(FULL,))
     yield cloud, FULL, "g3.medium", "Featured-Ubuntu24"
     cloud.reset()
 
@@ -102,8 +92,8 @@ def test_quota_is_not_a_reason_to_try_the_next_choice(setting, owner, tmp_path):
 
 def test_another_region_is_tried_when_the_first_is_full(tmp_path, owner):
     """Two LocalClouds stand for two regions (IU full for g3.large, TACC with room)."""
-    iu = local_cloud_without(tmp_path, "iu", (FULL,))
-    tacc = local_cloud_without(tmp_path, "tacc", ())
+    iu = embedded_region(tmp_path / "iu", no_capacity=(FULL,))
+    tacc = embedded_region(tmp_path / "tacc")
     try:
         ledger = Ledger(tmp_path / "l.db")
         with Lease(iu, owner, ledger=ledger) as at_iu, Lease(tacc, owner, ledger=ledger) as at_tacc:

@@ -30,10 +30,9 @@ from openstack_lab import (  # noqa: F401  (the fixtures register themselves by 
     no_host_flavor_fixture,
     open_lab_cloud,
 )
-from support import owner as new_owner
+from support import embedded_region, owner as new_owner
 
 from slipstream.cloud.errors import CapacityError, InvalidRequest, QuotaExceeded
-from slipstream.cloud.local import FaultOptions, LocalCloud, LocalCloudOptions
 from slipstream.cloud.fallback import Candidate, create_with_fallback
 from slipstream.cloud.models import ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
@@ -326,13 +325,6 @@ def test_two_runs_racing_for_the_ssh_group_settle_on_one_that_nova_accepts(ssh_r
 
 
 # --- fallback to a region without the key --------------------------------------------------------
-
-
-def embedded_region(home: Path, **faults) -> LocalCloud:
-    """A second region for fallback cases: an embedded cloud, which keeps its own keypairs and
-    security groups as a real second region does."""
-    return LocalCloud(options=LocalCloudOptions(home=home, boot_delay=0.2, stop_grace=0.5,
-                                                faults=FaultOptions(**faults)))
 
 
 def test_fallback_to_a_region_without_the_key_imports_the_runs_key_there(lab_cloud, owner, no_host_flavor, tmp_path):
