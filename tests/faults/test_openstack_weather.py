@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,7 @@ from support import embedded_region, owner as new_owner
 
 from slipstream.cloud.errors import CapacityError, InvalidRequest, QuotaExceeded
 from slipstream.cloud.fallback import Candidate, create_with_fallback
-from slipstream.cloud.models import ServerSpec, ServerStatus
+from slipstream.cloud.models import LeaseRenewal, ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_servers
 from slipstream.jetstream2 import DEFAULT_IMAGE
 from slipstream.ownership.lease import Lease, teardown_run
@@ -83,6 +83,28 @@ def test_a_503_burst_during_a_boot_wait_is_ridden_out_honouring_retry_after(lab_
     assert len(in_burst) >= 3, "the burst must have hit the wait several times"
     gaps = [b - a for a, b in zip(in_burst, in_burst[1:])]
     assert min(gaps) >= 2 * 0.95, f"Retry-After: 2 was not honoured: {gaps}"
+
+
+# --- lease renewal ----------------------------------------------------------------------------
+
+def test_a_server_deleted_during_a_renewal_costs_the_others_nothing(lab_cloud, lease, owner, tiny):
+    """An elastic pool deletes a worker between the renewal's listing and its update: Nova
+    answers 404 for that one. The beat stopped there, so the run's other servers and volumes
+    were not renewed, and a run that kept scaling could let its lease run out while it worked."""
+    servers = boot(lab_cloud, lease, owner, ServerSpec("renewed", tiny, DEFAULT_IMAGE, count=2))
+    volume = lease.create_volume("renewed", 1)
+    _wait_available(lab_cloud, owner, volume.id)
+    now = datetime.now(UTC).replace(microsecond=0)
+    renewal = LeaseRenewal(now + timedelta(hours=3), now, "weather-host")
+    with http_faults(lab_cloud) as faults:
+        gone = faults.add("POST", r"/servers/[0-9a-f-]{36}/metadata$", lambda request, forward: canned(
+            request, 404, {"itemNotFound": {"code": 404, "message": "Instance could not be found."}})
+            if not gone.hits[1:] else forward())
+        renewed = lab_cloud.renew_lease(owner.run_id, renewal, due_before=renewal.expires_at)
+    assert len(gone.hits) == 2 and renewed == 2  # the "deleted" one skipped, the other server and the volume renewed
+    held = [*lab_cloud.list_servers(owner.run_id), *lab_cloud.list_volumes(owner.run_id)]
+    assert sorted(h.ownership.expires_at == renewal.expires_at for h in held) == [False, True, True]
+    assert {s.id for s in servers} == {s.id for s in lab_cloud.list_servers(owner.run_id)}
 
 
 # --- Cinder -----------------------------------------------------------------------------------

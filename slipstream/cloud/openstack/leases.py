@@ -17,31 +17,37 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from slipstream.cloud.errors import Conflict
+from slipstream.cloud.errors import CloudError, Conflict, NotFound
 from slipstream.cloud.models import LEASE_RENEWABLE, LeaseRenewal
 from slipstream.cloud.openstack.base import OpenStackBase, log
 
 
 class LeaseOperations(OpenStackBase):
     def renew_lease(self, run_id: str, renewal: LeaseRenewal, *, due_before: datetime) -> int:
+        """Renew every due server and volume of the run; returns how many were renewed.
+
+        One resource that cannot be renewed never costs the others their renewal: one deleted
+        since the listing (an elastic pool scaling down) or changing state is skipped, and any
+        other failure is raised only once every other resource has been tried, so that a run is
+        never left to expire — and be reaped while it works — because of one bad server."""
         renewal.check_extends(due_before)
-        stamp, renewed = renewal.metadata(), 0
-        for server in self.list_servers(run_id):  # type: ignore[attr-defined]
-            owner = server.ownership
-            if owner is None or owner.expires_at >= due_before or server.status not in LEASE_RENEWABLE:
-                continue
+        stamp, renewed, failures = renewal.metadata(), 0, []
+        due = [(f"server {s.name}", lambda sid=s.id: self.conn.compute.set_server_metadata(sid, **stamp), s.id)
+               for s in self.list_servers(run_id)  # type: ignore[attr-defined]
+               if s.ownership is not None and s.ownership.expires_at < due_before and s.status in LEASE_RENEWABLE]
+        due += [(f"volume {v.name}", lambda vid=v.id: self.conn.block_storage.set_volume_metadata(vid, **stamp), v.id)
+                for v in self.list_volumes(run_id)  # type: ignore[attr-defined]
+                if v.ownership is not None and v.ownership.expires_at < due_before]
+        for what, update, resource_id in due:
             try:
-                self._call("renewing a server's lease",
-                           lambda sid=server.id: self.conn.compute.set_server_metadata(sid, **stamp), server.id)
-            except Conflict as err:  # it changed state since the listing: the next beat tries again
-                log.info("lease of server %s not renewed now: %s", server.name, err)
+                self._call(f"renewing the lease of {what}", update, resource_id)
+            except (Conflict, NotFound) as err:  # changed state or gone since the listing
+                log.info("lease of %s not renewed now: %s", what, err)
+                continue
+            except CloudError as err:
+                failures.append(err)
                 continue
             renewed += 1
-        for volume in self.list_volumes(run_id):  # type: ignore[attr-defined]
-            owner = volume.ownership
-            if owner is None or owner.expires_at >= due_before:
-                continue
-            self._call("renewing a volume's lease",
-                       lambda vid=volume.id: self.conn.block_storage.set_volume_metadata(vid, **stamp), volume.id)
-            renewed += 1
+        if failures:
+            raise failures[0]
         return renewed
