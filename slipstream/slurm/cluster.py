@@ -62,6 +62,7 @@ class ClusterPlan:
     min_job_age: int = 300
     max_resume_attempts: int = 3
     resume_backoff: int = 60
+    requeue_delay: int = 120
     loopback: bool = True
 
 
@@ -208,7 +209,7 @@ def _settings(plan: ClusterPlan, owner, directory: Path, *, head_address: str,
         flavor=plan.flavor, image=plan.image, max_nodes=plan.max_nodes, loopback=plan.loopback,
         suspend_time=plan.suspend_time, suspend_timeout=plan.suspend_timeout, resume_timeout=plan.resume_timeout,
         min_job_age=plan.min_job_age, max_resume_attempts=plan.max_resume_attempts,
-        resume_backoff=plan.resume_backoff, env=passed)
+        resume_backoff=plan.resume_backoff, requeue_delay=plan.requeue_delay, env=passed)
 
 
 def slurm_cluster_plan(head_flavor: str = "m3.tiny", flavor: str = "m3.tiny", max_nodes: int = 2,

@@ -68,6 +68,8 @@ files                                                 /var, deleted with the clu
                                                       flow's ``max_hours``
 ``CommunicationParameters=NoCtldInAddrAny,            local cloud: each daemon binds only its VM's 127.x
 NoInAddrAny``                                         address
+``AuthInfo=cred_expire=<requeue_delay>``             a job requeued by a failed resume may start again
+                                                      after this many seconds (Slurm's default 120)
 ``AuthInfo=socket=<dir>/munge/munge.socket``          local cloud: the workers share the head's munged
 ``SlurmdParameters=config_overrides``                 local cloud: slurmd reports the flavour's CPUs and
                                                       memory, not this host's
@@ -118,6 +120,7 @@ class ClusterSettings:
     min_job_age: int = 300          # seconds slurmctld keeps a finished job (tests compress it)
     max_resume_attempts: int = 3    # failed resumes of a node before it is drained for good
     resume_backoff: int = 60        # seconds after a failed resume before the node may boot again (doubling)
+    requeue_delay: int = 120        # seconds a requeued job (its node failed to resume) waits to start again
     boot_timeout: float = 240.0     # how long resume waits for the VMs to be ACTIVE
     env: dict[str, str] = field(default_factory=dict)  # exported to the power programs
 
@@ -132,7 +135,7 @@ class ClusterSettings:
                                  hint="Give the largest number of worker nodes the cluster may hold.")
         if self.min_job_age < 2:  # slurmctld's own minimum
             raise InvalidRequest(f"min_job_age must be at least 2 seconds, got {self.min_job_age}")
-        for key in ("suspend_time", "suspend_timeout", "resume_timeout", "max_resume_attempts"):
+        for key in ("suspend_time", "suspend_timeout", "resume_timeout", "max_resume_attempts", "requeue_delay"):
             if getattr(self, key) < 1:
                 raise InvalidRequest(f"{key} must be at least 1 second", hint=f"Set {key} in seconds.")
 
@@ -242,13 +245,15 @@ def render_slurm_conf(s: ClusterSettings) -> str:
         + (f" NodeAddr={','.join([PARKED_ADDRESS] * s.max_nodes)}" if s.loopback else ""),
         f"PartitionName={PARTITION} Nodes={s.hostlist} Default=YES MaxTime=INFINITE State=UP",
     ]
+    auth_info = f"cred_expire={s.requeue_delay}"  # also how long a job requeued by a failed resume waits
     if s.loopback:
+        auth_info = f"socket={s.munge_socket},{auth_info}"
         lines += [
             "# local cloud: every daemon binds its own VM's 127.x address, and shares the head's munged",
             "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny",
-            f"AuthInfo=socket={s.munge_socket}",
             "SlurmdParameters=config_overrides",
         ]
+    lines.append(f"AuthInfo={auth_info}")
     return "\n".join(lines) + "\n"
 
 

@@ -81,7 +81,7 @@ def test_a_resume_the_quota_only_partly_fits_creates_what_fits_and_leaves_the_re
 def test_a_node_whose_slurmd_never_registers_is_retried_with_back_off_then_given_up(local_cloud, homes):  # noqa: F811
     directory = homes / "cluster"
     with elastic_cluster(local_cloud, homes, "nv", max_nodes=1, suspend_time=300, resume_timeout=5,
-                         max_resume_attempts=2, resume_backoff=1) as (cluster, run):
+                         max_resume_attempts=2, resume_backoff=1, requeue_delay=5) as (cluster, run):
         (directory / "spool" / "nv-1").write_text("")  # the worker cannot make its spool dir: slurmd never starts
         job = cluster.slurm.sbatch(_job(homes / "job.sh", "echo never\n"), output=homes / "out.txt")
         with pytest.raises(NodesGaveUp, match="nv-1: slipstream gave up after 2 failed resume"):

@@ -39,7 +39,8 @@ def test_cloud_nodes_call_slipstream_and_bind_their_own_loopback_address(tmp_pat
     assert conf["ResumeFailProgram"] == str(s.dir / "bin" / "resume-fail")
     assert conf["SuspendTime"] == "9" and conf["PrivateData"] == "cloud"
     assert conf["CommunicationParameters"] == "NoCtldInAddrAny,NoInAddrAny"
-    assert conf["AuthInfo"] == f"socket={s.dir / 'munge' / 'munge.socket'}"
+    # a job requeued by a failed resume waits Slurm's 120 s (its credential lifetime) to start again
+    assert conf["AuthInfo"] == f"socket={s.dir / 'munge' / 'munge.socket'},cred_expire=120"
     assert ("NodeName=demo-[1-3] CPUs=1 RealMemory=3072 State=CLOUD Port=[6818-6820] "
             "NodeAddr=127.0.0.1,127.0.0.1,127.0.0.1") in text
     assert "PartitionName=cloud Nodes=demo-[1-3] Default=YES" in text
@@ -49,7 +50,8 @@ def test_cloud_nodes_call_slipstream_and_bind_their_own_loopback_address(tmp_pat
 def test_on_a_real_cloud_the_head_is_named_and_daemons_use_the_defaults(tmp_path):
     text = render_slurm_conf(_settings(tmp_path, loopback=False))
     assert "SlurmctldHost=demo-head(127.64.3.1)" in text
-    assert "NoInAddrAny" not in text and "AuthInfo" not in text and "NodeAddr=" not in text
+    assert "NoInAddrAny" not in text and "socket=" not in text and "NodeAddr=" not in text
+    assert "AuthInfo=cred_expire=120\n" in text
 
 
 def test_the_power_programs_set_the_environment_and_pass_only_the_hostlist(tmp_path):
