@@ -53,16 +53,16 @@ class RunSchedule:
 
     def __init__(self, allowances: Sequence[tuple[str, float]], started: float | None = None):
         self.started = time.monotonic() if started is None else started
-        self._phases: dict[str, tuple[float, float]] = {}
+        self._phases: dict[str, tuple[float, float]] = {}  # phase -> (its allowance, sum so far)
         total = 0.0
         for phase, seconds in allowances:
             total += seconds
-            self._phases[phase] = (seconds, self.started + total)
+            self._phases[phase] = (seconds, total)
 
     def deadline(self, phase: str) -> float:
         """The deadline of ``phase``, starting now."""
-        seconds, latest = self._phases[phase]
-        return min(time.monotonic() + seconds, latest)
+        seconds, through = self._phases[phase]
+        return min(time.monotonic() + seconds, self.started + through)
 
     @staticmethod
     def seconds_left(deadline: float) -> float:
