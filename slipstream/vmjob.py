@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slipstream.cost.accounting import PlannedServers, estimate
-from slipstream.cost.planning import TEARDOWN_ALLOWANCE_SECONDS, vm_job_overhead_hours
+from slipstream.cost.planning import TEARDOWN_ALLOWANCE_SECONDS, check_seconds, vm_job_overhead_hours
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Flavor, Image, ServerSpec, check_name
 from slipstream.cloud.port import CloudProvider
@@ -298,14 +298,7 @@ def plan_vm_job(
         max_hours=max_hours,
         results_dir=results_path,
         secret_env=_check_secret_env(secret_env or {}),
-        boot_timeout_seconds=_check_seconds("boot_timeout_seconds", boot_timeout_seconds),
-        transfer_timeout_seconds=_check_seconds("transfer_timeout_seconds", transfer_timeout_seconds),
-        teardown_timeout_seconds=_check_seconds("teardown_timeout_seconds", teardown_timeout_seconds),
+        boot_timeout_seconds=check_seconds("boot_timeout_seconds", boot_timeout_seconds),
+        transfer_timeout_seconds=check_seconds("transfer_timeout_seconds", transfer_timeout_seconds),
+        teardown_timeout_seconds=check_seconds("teardown_timeout_seconds", teardown_timeout_seconds),
     )
-
-
-def _check_seconds(name: str, seconds: float) -> float:
-    if not isinstance(seconds, (int, float)) or not seconds > 0 or seconds == float("inf"):
-        raise InvalidRequest(f"{name} must be a positive number of seconds, got {seconds!r}",
-                             hint="Each phase of a run needs a finite deadline: the worst case counts it.")
-    return float(seconds)

@@ -172,7 +172,17 @@ def vm_job_overhead_hours(boot_timeout_seconds: float = BOOT_TIMEOUT_SECONDS,
     by its deadline: boot and SSH (one deadline), the upload, the download, the teardown (the
     flow's :class:`~slipstream.vmjob.RunSchedule`). Priced with it, the worst case is a true upper
     bound of what the run is charged."""
-    return (boot_timeout_seconds + 2 * transfer_timeout_seconds + teardown_timeout_seconds) / 3600
+    return (check_seconds("boot_timeout_seconds", boot_timeout_seconds)
+            + 2 * check_seconds("transfer_timeout_seconds", transfer_timeout_seconds)
+            + check_seconds("teardown_timeout_seconds", teardown_timeout_seconds)) / 3600
+
+
+def check_seconds(name: str, seconds: float) -> float:
+    """A phase's deadline in seconds: positive and finite, since the worst case counts it."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
+        raise InvalidRequest(f"{name} must be a positive number of seconds, got {seconds!r}",
+                             hint="Each phase of a run needs a finite deadline: the worst case counts it.")
+    return float(seconds)
 
 
 def vm_job_plan(flavor: str = "m3.small", max_hours: float = 1.0, boot_timeout_seconds: float = BOOT_TIMEOUT_SECONDS,

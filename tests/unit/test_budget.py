@@ -252,6 +252,8 @@ def test_a_vm_jobs_deadlines_add_up_to_exactly_what_its_worst_case_prices():
     assert out.returncode == 0, out.stderr
     # 0.5 h + boot 900 s + 2 x 600 s transfers + 900 s teardown = 0.5 + 0.83 h at 4 SU/h.
     assert "0.5 + 0.83" in out.stdout and "5.33" in out.stdout
+    refused = run_cli("plan", "vm-job", "teardown_timeout_seconds=0")  # no deadline: no bound
+    assert refused.returncode == 2 and "teardown_timeout_seconds must be a positive number" in refused.stdout
     (planned,) = vm_job_plan("m3.quad", 0.5, 900, 600, 900)
     plan = VmJobPlan(ServerSpec("job", "m3.quad", "img"), FLAVORS["m3.quad"], None, "true", max_hours=0.5,
                      boot_timeout_seconds=900, transfer_timeout_seconds=600, teardown_timeout_seconds=900)
