@@ -330,7 +330,8 @@ def _in_home(command: str, env: dict[str, str] | None) -> str:
 OutputSink = Callable[[str, str], None]
 
 
-async def _secret_env_file(conn: asyncssh.SSHClientConnection, secret_env: dict[str, str], timeout: float) -> str:
+async def _secret_env_file(conn: asyncssh.SSHClientConnection, secret_env: dict[str, str], timeout: float,
+                           where: str) -> str:
     """Write ``secret_env`` as ``export`` lines into a fresh owner-only file in the login home
     over SFTP, and return the shell lines that load and delete it. The values travel inside the
     encrypted SFTP channel: never in a command line (visible in the VM's process table), a log or
@@ -347,12 +348,12 @@ async def _secret_env_file(conn: asyncssh.SSHClientConnection, secret_env: dict[
     try:  # bounded: a VM whose SFTP hangs must not keep the run (and its bill) going
         await _within(conn, time.monotonic() + timeout, write())
     except asyncio.TimeoutError:
-        raise SshError(f"writing the job's secret environment file on {conn.get_extra_info('peername')} "
+        raise SshError(f"writing the job's secret environment file on {where} "
                        f"took over {timeout:.0f} s, so the command was not started. The VM's SFTP server "
                        "is not answering: check its console log and disk.") from None
     except (asyncssh.Error, OSError) as err:
-        raise SshError(f"could not write the job's secret environment file: {err}; the command was "
-                       "not started") from None
+        raise SshError(f"could not write the job's secret environment file on {where}: {err}; the "
+                       "command was not started") from None
     return f'. "$HOME/{name}"; rc=$?; rm -f "$HOME/{name}"; [ "$rc" = 0 ] || exit 1'
 
 
@@ -387,7 +388,8 @@ def run_command(target: SshTarget, command: str, *, timeout: float,
         async with _session(target, deadline, f"running {command[:60]!r}") as conn:
             script = _in_home(command, env)
             if secret_env:
-                loads = await _secret_env_file(conn, secret_env, min(_left(deadline), SECRET_WRITE_TIMEOUT))
+                loads = await _secret_env_file(conn, secret_env, min(_left(deadline), SECRET_WRITE_TIMEOUT),
+                                               target.endpoint)
                 script = script.replace("\n", f"\n{loads}\n", 1)
             try:
                 proc = await conn.create_process(script, stdin=asyncssh.DEVNULL, errors="replace")

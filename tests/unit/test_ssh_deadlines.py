@@ -145,7 +145,7 @@ def test_a_secret_write_that_hangs_fails_by_its_own_timeout_and_starts_nothing(m
     err = outcome.get("error")
     # Not an SshTimeout: that would read as the job outliving max_hours.
     assert isinstance(err, ssh.SshError) and not isinstance(err, ssh.SshTimeout), outcome
-    assert "secret environment file" in str(err) and "not started" in str(err)
+    assert "secret environment file" in str(err) and "not started" in str(err) and vm.address in str(err)
     assert "s3cret-value" not in str(err)
     assert not (vm.home / "started").exists()
 
