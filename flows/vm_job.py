@@ -22,7 +22,6 @@ From the Prefect UI the typed parameters render as a form (see ``prefect.yaml``)
 
 # No `from __future__ import annotations` here: `flow.serve()` pickles the flow function by
 # value into the run's process, and string annotations (FlavorName...) would not resolve there.
-import time
 import uuid
 from dataclasses import replace
 from datetime import timedelta
@@ -41,7 +40,8 @@ from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Ownership
 from slipstream.ownership.lease import HeldResource, Lease, first_lease
 from slipstream.transfer import FetchedOutputs
-from slipstream.vmjob import REMOTE_JOB_DIR, STDERR_FILE, STDOUT_FILE, allowed_roots, job_failure, plan_vm_job
+from slipstream.vmjob import (REMOTE_JOB_DIR, STDERR_FILE, STDOUT_FILE, RunSchedule, allowed_roots, job_failure,
+                              plan_vm_job)
 from slipstream.tasks.budget import guard_budget, watching_budget
 from slipstream.tasks.events import resource_event_emitter
 from slipstream.tasks.hooks import TEARDOWN_HOOKS
@@ -102,6 +102,7 @@ def vm_job(
     secret_env: dict[str, str] | None = None,
     boot_timeout_seconds: float = 900.0,
     transfer_timeout_seconds: float = 600.0,
+    teardown_timeout_seconds: float = 300.0,
     pipeline: str = "vm-job",
     budget_su: float | None = None,
     allocation: str | None = None,
@@ -127,6 +128,8 @@ def vm_job(
             {"VARIABLE": "secret-block-name"}; the values are never logged.
         boot_timeout_seconds: How long to wait for the VM to be ACTIVE and reachable over SSH.
         transfer_timeout_seconds: How long the upload, and then the download, may take.
+        teardown_timeout_seconds: How long deleting everything may take (deletes, retries and
+            waits share it); anything still there then is named and left to the reaper.
         pipeline: Pipeline name stamped on every resource (used by `slipstream ls` and the reaper).
         budget_su: Most SUs this run may spend (default: the allocation's run budget, if any).
         allocation: A saved allocation block (its balances, run budget and warning thresholds).
@@ -141,7 +144,8 @@ def vm_job(
         provider, name=name, flavor=flavor, image=image, command=command, script=script,
         inputs=inputs or [], outputs=outputs or [], max_hours=max_hours, results_dir=results,
         secret_env=secret_env, boot_timeout_seconds=boot_timeout_seconds,
-        transfer_timeout_seconds=transfer_timeout_seconds, roots=allowed_roots(bool(deployment.get_id())),
+        transfer_timeout_seconds=transfer_timeout_seconds, teardown_timeout_seconds=teardown_timeout_seconds,
+        roots=allowed_roots(bool(deployment.get_id())),
     )
     results = plan.results_dir
     (planned,) = plan.planned
@@ -152,28 +156,32 @@ def vm_job(
     budget_su, held_allocation = guard_budget(plan.planned, budget_su, allocation, override_budget)
 
     keypair = ssh.generate_keypair(comment=f"slipstream-{owner.run_id}")
-    lease = Lease(provider, owner, on_event=resource_event_emitter(owner, provider.name))
+    # Every phase ends by the deadline the worst case counts for it, teardown included.
+    schedule = plan.schedule()
+    lease = Lease(provider, owner, on_event=resource_event_emitter(owner, provider.name),
+                  teardown_deadline=lambda: schedule.deadline("teardown"))
     lease.ledger.record_worst_case(owner.run_id, pipeline, provider.name, plan.worst_case_su)
     outcome, fetched, server = None, FetchedOutputs(results), None
     try:
         with lease, watching_budget(lease, budget_su, allocation=held_allocation, interval=budget_check_seconds):
-            boot_deadline = time.monotonic() + boot_timeout_seconds
+            boot_by = schedule.deadline("boot")  # one deadline: boot, address and SSH
             registered = register_keypair(lease, keypair.public_key)
             spec = replace(plan.spec, key_name=registered.name)
-            (server,) = wait_until_active(lease, provision_servers(lease, spec), timeout=boot_timeout_seconds)
-            server = attach_floating_ip(lease, server)
-            target = wait_for_ssh(provider, server, keypair, timeout=max(1.0, boot_deadline - time.monotonic()))
+            (server,) = wait_until_active(lease, provision_servers(lease, spec), deadline=schedule.wall_clock(boot_by))
+            server = attach_floating_ip(lease, server, deadline=schedule.wall_clock(boot_by))
+            target = wait_for_ssh(provider, server, keypair, timeout=schedule.seconds_left(boot_by))
             progress.report("work", 0, 3, "uploading inputs")
             upload_inputs(target, [*plan.inputs, *([plan.script] if plan.script else [])], REMOTE_JOB_DIR,
-                          deadline=time.time() + transfer_timeout_seconds)
+                          deadline=schedule.wall_clock(schedule.deadline("upload")))
             progress.report("work", 1, 3, f"running: {plan.command[:40]}")
             try:
-                outcome = run_remote_command(target, plan.command, REMOTE_JOB_DIR, timeout=max_hours * 3600,
+                outcome = run_remote_command(target, plan.command, REMOTE_JOB_DIR,
+                                             timeout=schedule.seconds_left(schedule.deadline("work")),
                                              results_dir=results, cloud=provider, server=server,
                                              secret_env=plan.secret_env)
             finally:  # whatever the exit, even a dropped connection: bring back what exists
                 progress.report("work", 2, 3, "downloading outputs")
-                fetched = _fetch_what_exists(target, plan, results, transfer_timeout_seconds, logger)
+                fetched = _fetch_what_exists(target, plan, results, schedule.deadline("download"), logger)
             progress.report("work", 3, 3, "done")
             progress.report("teardown", 0, 1, "deleting everything the run created")
     except KeyboardInterrupt:
@@ -200,12 +208,12 @@ def vm_job(
     )
 
 
-def _fetch_what_exists(target, plan, results: Path, transfer_timeout_seconds: float, logger) -> FetchedOutputs:
-    """The outputs that exist, or nothing if the VM cannot be reached any more (logged: the
-    job's own outcome is the error worth raising)."""
+def _fetch_what_exists(target, plan, results: Path, deadline: float, logger) -> FetchedOutputs:
+    """The outputs that exist by ``deadline`` (``time.monotonic()``), or nothing if the VM cannot
+    be reached any more (logged: the job's own outcome is the error worth raising)."""
     try:
         return download_outputs(target, list(plan.outputs), REMOTE_JOB_DIR, results,
-                                deadline=time.time() + transfer_timeout_seconds)
+                                deadline=RunSchedule.wall_clock(deadline))
     except ssh.SshError as err:
         logger.error("could not download the outputs: %s", err)
         return FetchedOutputs(results, missing=list(plan.outputs))

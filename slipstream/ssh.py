@@ -27,6 +27,7 @@ can pass it between tasks; a persisted result holds no key).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import re
@@ -35,7 +36,7 @@ import shlex
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CONNECT_TIMEOUT = 20.0  # longest wait for one TCP connect + SSH handshake + authentication
+#: Longest wait for the job's secret environment file to be written (SFTP open + write).
+SECRET_WRITE_TIMEOUT = 30.0
+#: Longest wait for the server to acknowledge our goodbye before the socket is simply dropped.
+CLOSE_TIMEOUT = 2.0
 
 
 class SshError(Exception):
@@ -249,6 +254,43 @@ async def _connect(target: SshTarget, timeout: float) -> asyncssh.SSHClientConne
         raise SshUnreachable(f"cannot reach SSH on {target.endpoint}: {why}") from None
 
 
+def _left(deadline: float) -> float:
+    """Seconds until ``deadline`` (a ``time.monotonic()`` value), never negative."""
+    return max(0.0, deadline - time.monotonic())
+
+
+async def _within(conn: asyncssh.SSHClientConnection, deadline: float, work: Awaitable[T]) -> T:
+    """``work`` on ``conn``, cut off at ``deadline`` (``time.monotonic()``) with
+    :class:`asyncio.TimeoutError`. The connection is dropped then: the goodbye of a channel stuck
+    behind a full link (an SFTP session mid-upload) could otherwise wait as long as the link."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), _left(deadline))
+    except asyncio.TimeoutError:
+        conn.abort()
+        task.cancel()
+        await asyncio.wait([task], timeout=CLOSE_TIMEOUT)  # aborted: it ends at once
+        raise
+
+
+@contextlib.asynccontextmanager
+async def _session(target: SshTarget, deadline: float, what: str) -> AsyncIterator[asyncssh.SSHClientConnection]:
+    """A connection that exists only until ``deadline`` (``time.monotonic()``): the connect gets
+    what is left of it (at most :data:`CONNECT_TIMEOUT`), and so does the goodbye, so that
+    connect + work + close together never outlive the deadline of the phase they belong to."""
+    if _left(deadline) <= 0:  # asyncssh reads a zero connect timeout as "no timeout at all"
+        raise SshTimeout(f"no time left to connect to {target.endpoint} for {what}: its deadline passed")
+    conn = await _connect(target, min(_left(deadline), CONNECT_TIMEOUT))
+    try:
+        yield conn
+    finally:
+        conn.close()
+        try:  # a peer that stops reading must not hold us past the deadline: drop it then
+            await asyncio.wait_for(conn.wait_closed(), min(_left(deadline), CLOSE_TIMEOUT))
+        except asyncio.TimeoutError:
+            conn.abort()
+
+
 def _run_sync(make: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine to completion on a private event loop, from any thread."""
     try:
@@ -288,17 +330,30 @@ def _in_home(command: str, env: dict[str, str] | None) -> str:
 OutputSink = Callable[[str, str], None]
 
 
-async def _secret_env_file(conn: asyncssh.SSHClientConnection, secret_env: dict[str, str]) -> str:
+async def _secret_env_file(conn: asyncssh.SSHClientConnection, secret_env: dict[str, str], timeout: float,
+                           where: str) -> str:
     """Write ``secret_env`` as ``export`` lines into a fresh owner-only file in the login home
     over SFTP, and return the shell lines that load and delete it. The values travel inside the
     encrypted SFTP channel: never in a command line (visible in the VM's process table), a log or
-    user_data."""
+    user_data. Fails with :class:`SshError` if that takes over ``timeout`` seconds."""
     name = f".slipstream-env-{secrets.token_hex(8)}"
     body = "".join(f"export {_env_name(k)}={shlex.quote(v)}\n" for k, v in secret_env.items())
-    async with conn.start_sftp_client() as sftp:
-        flags = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | asyncssh.FXF_EXCL  # a fresh file, never another's
-        async with sftp.open(name, flags, asyncssh.SFTPAttrs(permissions=0o600)) as handle:
-            await handle.write(body)
+
+    async def write() -> None:
+        async with conn.start_sftp_client() as sftp:
+            flags = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | asyncssh.FXF_EXCL  # a fresh file, never another's
+            async with sftp.open(name, flags, asyncssh.SFTPAttrs(permissions=0o600)) as handle:
+                await handle.write(body)
+
+    try:  # bounded: a VM whose SFTP hangs must not keep the run (and its bill) going
+        await _within(conn, time.monotonic() + timeout, write())
+    except asyncio.TimeoutError:
+        raise SshError(f"writing the job's secret environment file on {where} "
+                       f"took over {timeout:.0f} s, so the command was not started. The VM's SFTP server "
+                       "is not answering: check its console log and disk.") from None
+    except (asyncssh.Error, OSError) as err:
+        raise SshError(f"could not write the job's secret environment file on {where}: {err}; the "
+                       "command was not started") from None
     return f'. "$HOME/{name}"; rc=$?; rm -f "$HOME/{name}"; [ "$rc" = 0 ] || exit 1'
 
 
@@ -306,7 +361,8 @@ def run_command(target: SshTarget, command: str, *, timeout: float,
                 env: dict[str, str] | None = None, check: bool = True,
                 on_output: OutputSink | None = None,
                 secret_env: dict[str, str] | None = None, keep_lines: int | None = None) -> CommandResult:
-    """Run ``command`` with the login shell, in the login home, and wait at most ``timeout`` s.
+    """Run ``command`` with the login shell, in the login home, and wait at most ``timeout`` s:
+    connecting, writing ``secret_env`` and closing count in it, so the call returns by then.
 
     ``on_output`` hears every line of stdout and stderr as the command prints it. ``secret_env``
     is exported to the command without ever appearing in a command line or a log. ``keep_lines``
@@ -328,16 +384,19 @@ def run_command(target: SshTarget, command: str, *, timeout: float,
                 on_output(name, line.rstrip("\n"))
 
     async def go() -> CommandResult:
-        async with await _connect(target, min(timeout, CONNECT_TIMEOUT)) as conn:
+        deadline = time.monotonic() + timeout
+        async with _session(target, deadline, f"running {command[:60]!r}") as conn:
             script = _in_home(command, env)
             if secret_env:
-                script = script.replace("\n", f"\n{await _secret_env_file(conn, secret_env)}\n", 1)
+                loads = await _secret_env_file(conn, secret_env, min(_left(deadline), SECRET_WRITE_TIMEOUT),
+                                               target.endpoint)
+                script = script.replace("\n", f"\n{loads}\n", 1)
             try:
                 proc = await conn.create_process(script, stdin=asyncssh.DEVNULL, errors="replace")
                 try:
                     await asyncio.wait_for(asyncio.gather(pump(proc.stdout, "stdout", stdout),
                                                           pump(proc.stderr, "stderr", stderr), proc.wait()),
-                                           timeout)
+                                           _left(deadline))
                 finally:
                     proc.close()  # no wait: a command that outlived its time may never close its side
                 status = proc.returncode
@@ -351,7 +410,7 @@ def run_command(target: SshTarget, command: str, *, timeout: float,
             else:
                 if status is None:
                     lost = "the session closed without an exit status"
-                elif status < 0 and await _closes_soon(conn):
+                elif status < 0 and await _closes_soon(conn, min(2.0, _left(deadline))):
                     # Killed by a signal as the connection went down: the server is stopping (its
                     # sshd signals the session first), not the command failing by itself.
                     lost = f"the command was killed by signal {-status} as the connection closed"
@@ -378,10 +437,14 @@ async def _closes_soon(conn: asyncssh.SSHClientConnection, within: float = 2.0) 
 
 async def _transfer(target: SshTarget, what: str, timeout: float,
                     action: Callable[[asyncssh.SFTPClient], Awaitable[None]]) -> None:
-    async with await _connect(target, min(timeout, CONNECT_TIMEOUT)) as conn:
-        try:
+    deadline = time.monotonic() + timeout  # connect, transfer and close: all within it
+    async with _session(target, deadline, what) as conn:
+        async def transfer() -> None:
             async with conn.start_sftp_client() as sftp:
-                await asyncio.wait_for(action(sftp), timeout)
+                await action(sftp)
+
+        try:
+            await _within(conn, deadline, transfer())
         except asyncio.TimeoutError:
             raise SshTimeout(f"{what} on {target.endpoint} took over {timeout:.0f} s") from None
         except (asyncssh.Error, OSError) as err:  # SFTP errors, local I/O, a dropped link
@@ -430,14 +493,17 @@ def wait_for_ssh(
     ``on_progress(attempt, detail)`` hears about every failed attempt.
     """
     deadline = time.monotonic() + timeout
+    detail = "the deadline passed before the first attempt"
     for attempt in itertools.count(1):
         try:
             current = target() if callable(target) else target
-            remaining = max(1.0, deadline - time.monotonic())
-            _run_sync(lambda: _probe(current, min(remaining, CONNECT_TIMEOUT)))
+            _run_sync(lambda: _probe(current, deadline))
             return current
         except HostKeyMismatch:
             raise
+        except SshTimeout:  # no time left to try again: the previous attempt's failure says why
+            raise SshTimeout(f"SSH not ready after {timeout:.0f} s ({attempt - 1} attempts); "
+                             f"last: {detail}. Check the server's console log.") from None
         except HostKeyUnavailable:
             if not callable(target):
                 raise  # a fixed target will never learn its fingerprints
@@ -454,6 +520,6 @@ def wait_for_ssh(
     raise AssertionError("unreachable")
 
 
-async def _probe(target: SshTarget, timeout: float) -> None:
-    async with await _connect(target, timeout):
+async def _probe(target: SshTarget, deadline: float) -> None:
+    async with _session(target, deadline, "the SSH probe"):
         pass  # connected, host key verified and authenticated: that is all we need to know

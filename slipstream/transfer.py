@@ -39,13 +39,14 @@ import posixpath
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncssh
 
-from slipstream.ssh import SshError, SshTarget, SshTimeout, _connect, _run_sync, CONNECT_TIMEOUT
+from slipstream.ssh import SshError, SshTarget, SshTimeout, _run_sync, _session, _within
 from slipstream.untrusted import printable
 
 log = logging.getLogger(__name__)
@@ -220,10 +221,14 @@ def fetch_outputs(target: SshTarget, remote_dir: str, outputs: Iterable[str], lo
             await walker.entry(rel, attrs)
 
     async def go() -> None:
-        async with await _connect(target, min(timeout, CONNECT_TIMEOUT)) as conn:
-            try:
+        deadline = time.monotonic() + timeout  # connect, download and close: all within it
+        async with _session(target, deadline, f"the download from {remote_dir}") as conn:
+            async def transfer() -> None:
                 async with conn.start_sftp_client() as sftp:
-                    await asyncio.wait_for(walk(sftp), timeout)
+                    await walk(sftp)
+
+            try:
+                await _within(conn, deadline, transfer())
             except asyncio.TimeoutError:
                 raise SshTimeout(f"download from {target.endpoint} took over {timeout:.0f} s; "
                                  f"kept what arrived: {report.summary()}") from None

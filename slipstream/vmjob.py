@@ -10,6 +10,8 @@ an output path that could escape the job's directory, a local path outside the a
 The plan's worst case is a true upper bound of what the run can be charged: the servers for
 ``max_hours`` of work *plus* every other phase the flow bounds by a deadline (boot and SSH,
 the uploads, the downloads, the teardown): :func:`~slipstream.cost.planning.vm_job_overhead_hours`.
+:meth:`VmJobPlan.schedule` gives the flow those deadlines as one :class:`RunSchedule`, so that
+what happens between the phases cannot add to the bill either.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import os
 import posixpath
 import re
 import shlex
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from slipstream.cost.accounting import PlannedServers, estimate
-from slipstream.cost.planning import vm_job_overhead_hours
+from slipstream.cost.planning import TEARDOWN_ALLOWANCE_SECONDS, check_seconds, vm_job_overhead_hours
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Flavor, Image, ServerSpec, check_name
 from slipstream.cloud.port import CloudProvider
@@ -35,6 +39,39 @@ REMOTE_JOB_DIR = "slipstream-job"
 STDOUT_FILE, STDERR_FILE = "stdout.txt", "stderr.txt"
 #: Directories a deployment run may read inputs from and write results to (``os.pathsep``-separated).
 ALLOWED_ROOTS_ENV = "SLIPSTREAM_ALLOWED_ROOTS"
+
+
+class RunSchedule:
+    """When each phase of a run must end, so that its servers never live longer than the worst
+    case prices: the sum of the phases' allowances, counted from before the first create call.
+
+    A phase may use its whole allowance from the moment it starts, but never past the run's start
+    plus the allowances of it and every phase before it: time spent between phases (Prefect's
+    bookkeeping, stopping the budget watchdog) comes out of the next phase's share instead of
+    adding to the bill. Deadlines are ``time.monotonic()`` values; ask for a phase's deadline
+    once, when it starts."""
+
+    def __init__(self, allowances: Sequence[tuple[str, float]], started: float | None = None):
+        self.started = time.monotonic() if started is None else started
+        self._phases: dict[str, tuple[float, float]] = {}  # phase -> (its allowance, sum so far)
+        total = 0.0
+        for phase, seconds in allowances:
+            total += seconds
+            self._phases[phase] = (seconds, total)
+
+    def deadline(self, phase: str) -> float:
+        """The deadline of ``phase``, starting now."""
+        seconds, through = self._phases[phase]
+        return min(time.monotonic() + seconds, self.started + through)
+
+    @staticmethod
+    def seconds_left(deadline: float) -> float:
+        return max(0.0, deadline - time.monotonic())
+
+    @staticmethod
+    def wall_clock(deadline: float) -> float:
+        """``deadline`` as epoch seconds, for tasks that take one (they may run elsewhere)."""
+        return time.time() + (deadline - time.monotonic())
 
 
 @dataclass(frozen=True)
@@ -52,12 +89,21 @@ class VmJobPlan:
     """Environment variable -> name of the saved secret whose value it gets (names only)."""
     boot_timeout_seconds: float = 900.0
     transfer_timeout_seconds: float = 600.0
+    teardown_timeout_seconds: float = TEARDOWN_ALLOWANCE_SECONDS
 
     @property
     def planned(self) -> list[PlannedServers]:
         """The servers for ``max_hours`` of work plus the time around it (a true upper bound)."""
-        overhead = vm_job_overhead_hours(self.boot_timeout_seconds, self.transfer_timeout_seconds)
+        overhead = vm_job_overhead_hours(self.boot_timeout_seconds, self.transfer_timeout_seconds,
+                                         self.teardown_timeout_seconds)
         return [PlannedServers(self.flavor, self.spec.count, self.max_hours, overhead)]
+
+    def schedule(self) -> RunSchedule:
+        """The deadlines of the run's phases, exactly those :attr:`planned` prices; make it
+        before the first create call."""
+        return RunSchedule([("boot", self.boot_timeout_seconds), ("upload", self.transfer_timeout_seconds),
+                            ("work", self.max_hours * 3600), ("download", self.transfer_timeout_seconds),
+                            ("teardown", self.teardown_timeout_seconds)])
 
     @property
     def worst_case_su(self) -> float:
@@ -204,6 +250,7 @@ def plan_vm_job(
     secret_env: dict[str, str] | None = None,
     boot_timeout_seconds: float = 900.0,
     transfer_timeout_seconds: float = 600.0,
+    teardown_timeout_seconds: float = TEARDOWN_ALLOWANCE_SECONDS,
     roots: list[Path] | None = None,
 ) -> VmJobPlan:
     """Validate a VM job request against ``cloud``'s catalogue and the local filesystem (local
@@ -251,6 +298,7 @@ def plan_vm_job(
         max_hours=max_hours,
         results_dir=results_path,
         secret_env=_check_secret_env(secret_env or {}),
-        boot_timeout_seconds=boot_timeout_seconds,
-        transfer_timeout_seconds=transfer_timeout_seconds,
+        boot_timeout_seconds=check_seconds("boot_timeout_seconds", boot_timeout_seconds),
+        transfer_timeout_seconds=check_seconds("transfer_timeout_seconds", transfer_timeout_seconds),
+        teardown_timeout_seconds=check_seconds("teardown_timeout_seconds", teardown_timeout_seconds),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect import get_run_logger, task
 
 from slipstream import progress
@@ -28,8 +30,10 @@ def provision_servers(lease: Lease, spec: ServerSpec) -> list[Server]:
 
 
 @task(name="wait-until-active", **CLOUD_TASK_OPTIONS)
-def wait_until_active(lease: Lease, servers: list[Server], timeout: float = 900.0) -> list[Server]:
-    """Wait for every server to be ACTIVE: one list call per round, ERROR fails at once."""
+def wait_until_active(lease: Lease, servers: list[Server], timeout: float = 900.0,
+                      deadline: float | None = None) -> list[Server]:
+    """Wait for every server to be ACTIVE: one list call per round, ERROR fails at once. With
+    ``deadline`` (epoch seconds) retries of this task share it instead of each waiting ``timeout``."""
     logger = get_run_logger()
     last = {"done": -1}
 
@@ -42,15 +46,20 @@ def wait_until_active(lease: Lease, servers: list[Server], timeout: float = 900.
 
     return wait_for_servers(
         lease.cloud, lease.owner.run_id, [s.id for s in servers],
-        status=ServerStatus.ACTIVE, timeout=timeout, poll_interval=0.5, on_progress=on_progress,
+        status=ServerStatus.ACTIVE, timeout=_until(deadline, timeout), poll_interval=0.5, on_progress=on_progress,
     )
 
 
 @task(name="attach-floating-ip", **CLOUD_TASK_OPTIONS)
-def attach_floating_ip(lease: Lease, server: Server) -> Server:
-    """Give ``server`` a public (floating) address from the cloud's external network."""
+def attach_floating_ip(lease: Lease, server: Server, deadline: float | None = None) -> Server:
+    """Give ``server`` a public (floating) address from the cloud's external network (seen on
+    the server by ``deadline``, epoch seconds, if given)."""
     fip: FloatingIP = lease.create_floating_ip()
     lease.cloud.attach_floating_ip(fip.id, server.id)
-    server = wait_for_floating_ip(lease.cloud, server.id, fip.address)
+    server = wait_for_floating_ip(lease.cloud, server.id, fip.address, timeout=_until(deadline, 60.0))
     get_run_logger().info("%s reachable at %s", server.name, fip.address)
     return server
+
+
+def _until(deadline: float | None, default: float) -> float:
+    return default if deadline is None else max(0.0, deadline - time.time())

@@ -112,10 +112,10 @@ def wait_until_gone(
         left = [r for r in listed if getattr(r, "id", None) in ids]
         if not left:
             return
-        if clock() > deadline:
+        if clock() >= deadline:
             raise WaitTimeout(f"{what} still present {timeout:.0f} s after delete: "
                               + ", ".join(describe(r) for r in left), cloud=cloud, hint=hint)
-        sleep(poll_interval)
+        sleep(min(poll_interval, deadline - clock()))
 
 
 def _failure(server: Server, cloud: CloudProvider) -> CloudError:

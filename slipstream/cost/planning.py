@@ -158,26 +158,41 @@ def _check_hours(max_hours: float) -> float:
 #: vm_job parameters that do not change what it holds or for how long.
 VM_JOB_IGNORES = ("command", "script", "inputs", "outputs", "image", "name", "cloud", "results_dir",
                   "pipeline", "budget_check_seconds", "secret_env")
-#: How long deleting a run's servers may take after its work ends (retries included).
+#: How long deleting a run's servers may take after its work ends: every delete, retry and wait
+#: shares this one deadline (vm_job's ``teardown_timeout_seconds``).
 TEARDOWN_ALLOWANCE_SECONDS = 300.0
 #: vm_job's deadlines for everything around the work (its parameters of the same names).
 BOOT_TIMEOUT_SECONDS, TRANSFER_TIMEOUT_SECONDS = 900.0, 600.0
 
 
 def vm_job_overhead_hours(boot_timeout_seconds: float = BOOT_TIMEOUT_SECONDS,
-                          transfer_timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS) -> float:
+                          transfer_timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS,
+                          teardown_timeout_seconds: float = TEARDOWN_ALLOWANCE_SECONDS) -> float:
     """How long a vm_job's server can exist besides its ``max_hours`` of work, each phase bounded
-    by its deadline: boot and SSH (one deadline), the upload, the download, the teardown. Priced
-    with it, the worst case is a true upper bound of what the run is charged."""
-    return (boot_timeout_seconds + 2 * transfer_timeout_seconds + TEARDOWN_ALLOWANCE_SECONDS) / 3600
+    by its deadline: boot and SSH (one deadline), the upload, the download, the teardown (the
+    flow's :class:`~slipstream.vmjob.RunSchedule`). Priced with it, the worst case is a true upper
+    bound of what the run is charged."""
+    return (check_seconds("boot_timeout_seconds", boot_timeout_seconds)
+            + 2 * check_seconds("transfer_timeout_seconds", transfer_timeout_seconds)
+            + check_seconds("teardown_timeout_seconds", teardown_timeout_seconds)) / 3600
+
+
+def check_seconds(name: str, seconds: float) -> float:
+    """A phase's deadline in seconds: positive and finite, since the worst case counts it."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
+        raise InvalidRequest(f"{name} must be a positive number of seconds, got {seconds!r}",
+                             hint="Each phase of a run needs a finite deadline: the worst case counts it.")
+    return float(seconds)
 
 
 def vm_job_plan(flavor: str = "m3.small", max_hours: float = 1.0, boot_timeout_seconds: float = BOOT_TIMEOUT_SECONDS,
-                transfer_timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS) -> list[PlannedServers]:
+                transfer_timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS,
+                teardown_timeout_seconds: float = TEARDOWN_ALLOWANCE_SECONDS) -> list[PlannedServers]:
     """vm_job: one server of ``flavor`` for at most ``max_hours`` of work, plus boot, transfers
     and teardown."""
     return [PlannedServers(flavor_named(flavor), 1, _check_hours(max_hours),
-                           vm_job_overhead_hours(boot_timeout_seconds, transfer_timeout_seconds))]
+                           vm_job_overhead_hours(boot_timeout_seconds, transfer_timeout_seconds,
+                                                 teardown_timeout_seconds))]
 
 
 def gpu_job_plan(flavor: str = "g3.medium", max_hours: float = 1.0) -> list[PlannedServers]:

@@ -19,7 +19,9 @@ Guarantees:
   on transient errors (a volume Cinder is still busy with — creating, detaching — until
   ``delete_timeout``; one already ``deleting`` waited for with the rest; one ``error_deleting``
   reported at once, since only an admin can reset it), "already gone" counted as done, and
-  servers' and volumes' asynchronous deletes waited for;
+  servers' and volumes' asynchronous deletes waited for — all of it within ONE deadline
+  (``delete_timeout`` from the start of teardown, or the run's own ``teardown_deadline``), so
+  that teardown costs at most what the run's worst case counts for it;
 - :attr:`Lease.proof` then lists, by run id, every kind of resource on the cloud. An empty
   listing is the proof that nothing is left to charge the allocation.
 
@@ -104,7 +106,10 @@ class TeardownProof:
             kinds = ", ".join(self.remaining)
             return f"teardown proof for run {self.run_id} on {self.cloud}: no {kinds} remain"
         left = "; ".join(f"{k}: {', '.join(v)}" for k, v in self.remaining.items() if v)
-        return f"teardown INCOMPLETE for run {self.run_id} on {self.cloud}: {left}"
+        return (f"teardown INCOMPLETE for run {self.run_id} on {self.cloud}: {left} may still be "
+                "charging. A delete already sent usually finishes shortly; `slipstream ls` shows what is "
+                "left, and the reaper (`slipstream reap --yes`, or the `reaper` deployment) deletes it "
+                "once this run has ended and its grace period has passed.")
 
 
 EventCallback = Callable[[str, HeldResource], None]
@@ -121,12 +126,18 @@ class Lease:
         retry_policy: RetryPolicy = DEFAULT_RETRY,
         delete_timeout: float = 300.0,
         on_event: EventCallback | None = None,
+        teardown_deadline: Callable[[], float] | None = None,
     ) -> None:
+        """``teardown_deadline``, if given, says when teardown starts by when it must end (a
+        ``time.monotonic()`` value): a run with a schedule (vm_job) ends it where its worst case
+        says, whatever the gaps before it. A resource still there then is named in the proof
+        (not clean) and left to the reaper, which deletes it once the run's lease expires."""
         self.cloud = cloud
         self.owner = owner
         self.ledger = ledger or Ledger()
         self.retry_policy = retry_policy
         self.delete_timeout = delete_timeout
+        self.teardown_deadline = teardown_deadline or (lambda: time.monotonic() + self.delete_timeout)
         self.on_event = on_event
         self.held: list[HeldResource] = []
         self.proof: TeardownProof | None = None
@@ -259,7 +270,7 @@ class Lease:
         errors: list[str] = []
         deleted: list[HeldResource] = []
         held_by_id = {(h.kind, h.id): h for h in self.held}
-        deadline = time.monotonic() + self.delete_timeout  # one for all deletes: an outage costs it once
+        deadline = self.teardown_deadline()  # one for every delete and wait: an outage costs it once
         try:
             found = self.owned_now()
         except CloudError as err:  # listing failed: still delete what we know we hold
@@ -278,12 +289,12 @@ class Lease:
                                   "(run `slipstream reap --yes` later; the reaper will retry)")
             if kind == ResourceKind.SERVER and accepted:
                 try:  # only servers whose delete was accepted can vanish: waiting on others is futile
-                    self._wait_servers_gone(accepted)
+                    self._wait_servers_gone(accepted, deadline)
                 except CloudError as err:
                     errors.append(str(err))
             if kind == ResourceKind.VOLUME and accepted:
                 try:  # Cinder deletes in the background: the proof must not count `deleting` ones
-                    self._wait_volumes_gone(accepted)
+                    self._wait_volumes_gone(accepted, deadline)
                 except CloudError as err:
                     errors.append(str(err))
         try:
@@ -341,7 +352,7 @@ class Lease:
                 if time.monotonic() > deadline:
                     raise
                 log.info("volume %s is %s, deleting it again shortly: %s", res_id, status, err.message)
-                time.sleep(VOLUME_RETRY_INTERVAL)
+                time.sleep(min(VOLUME_RETRY_INTERVAL, max(0.0, deadline - time.monotonic())))
         self.ledger.record_deleted(self.cloud.name, kind, res_id)
         if self.on_event:
             self.on_event("deleted", HeldResource(kind, res_id, res_id))
@@ -351,18 +362,18 @@ class Lease:
         return next((v.status for v in self.cloud.list_volumes(run_id=self.owner.run_id)
                      if v.id == volume_id), None)
 
-    def _wait_servers_gone(self, server_ids: set[str]) -> None:
+    def _wait_servers_gone(self, server_ids: set[str], deadline: float) -> None:
         wait_until_gone(
             lambda: self.cloud.list_servers(run_id=self.owner.run_id), server_ids, what="servers",
-            cloud=self.cloud.name, timeout=self.delete_timeout, poll_interval=0.2,
+            cloud=self.cloud.name, timeout=max(0.0, deadline - time.monotonic()), poll_interval=0.2,
             describe=lambda s: s.name, hint="Run `slipstream reap --yes` later; the reaper will retry.")
 
-    def _wait_volumes_gone(self, volume_ids: set[str]) -> None:
+    def _wait_volumes_gone(self, volume_ids: set[str], deadline: float) -> None:
         """Cinder deletes in the background; the volumes left at the deadline are named with their
         status (``deleting``: Cinder is still at it)."""
         wait_until_gone(
             lambda: self.cloud.list_volumes(run_id=self.owner.run_id), volume_ids, what="volumes",
-            cloud=self.cloud.name, timeout=self.delete_timeout, poll_interval=VOLUME_RETRY_INTERVAL,
+            cloud=self.cloud.name, timeout=max(0.0, deadline - time.monotonic()), poll_interval=VOLUME_RETRY_INTERVAL,
             describe=lambda v: f"{v.name} ({v.status})",
             hint="A volume still `deleting` is Cinder at work and usually goes; run "
             "`slipstream reap --yes` later to finish any other.")

@@ -240,3 +240,37 @@ def test_the_allocation_block_becomes_the_core_allocation():
     allocation = block.get_allocation()
     assert allocation.run_budget_su == 50 and allocation.thresholds == (0.5, 0.9)
     assert json.loads(json.dumps({r: b.remaining for r, b in allocation.balances.read().items()})) == {GPU: 500}
+
+
+# the vm_job schedule: what the worst case prices is what the flow's deadlines allow -------------
+def test_a_vm_jobs_deadlines_add_up_to_exactly_what_its_worst_case_prices():
+    from slipstream.cloud.models import ServerSpec
+    from slipstream.cost.planning import vm_job_plan
+    from slipstream.vmjob import VmJobPlan
+
+    out = run_cli("plan", "vm-job", "flavor=m3.quad", "max_hours=0.5", "teardown_timeout_seconds=900")
+    assert out.returncode == 0, out.stderr
+    # 0.5 h + boot 900 s + 2 x 600 s transfers + 900 s teardown = 0.5 + 0.83 h at 4 SU/h.
+    assert "0.5 + 0.83" in out.stdout and "5.33" in out.stdout
+    refused = run_cli("plan", "vm-job", "teardown_timeout_seconds=0")  # no deadline: no bound
+    assert refused.returncode == 2 and "teardown_timeout_seconds must be a positive number" in refused.stdout
+    (planned,) = vm_job_plan("m3.quad", 0.5, 900, 600, 900)
+    plan = VmJobPlan(ServerSpec("job", "m3.quad", "img"), FLAVORS["m3.quad"], None, "true", max_hours=0.5,
+                     boot_timeout_seconds=900, transfer_timeout_seconds=600, teardown_timeout_seconds=900)
+    assert plan.planned == [planned]
+    # A run whose phases all ran into their deadlines ends its teardown when the worst case says.
+    schedule = plan.schedule()
+    schedule.started -= 10 * 3600
+    assert schedule.deadline("teardown") - schedule.started == pytest.approx(planned.held_hours * 3600)
+
+def test_time_lost_between_phases_comes_out_of_the_next_phase_not_the_bill():
+    import time
+
+    from slipstream.vmjob import RunSchedule
+
+    # Boot used its whole 10 s, then 2 s went by before the upload began (a task's bookkeeping).
+    schedule = RunSchedule([("boot", 10), ("upload", 5), ("work", 60)], started=time.monotonic() - 12)
+    upload_by = schedule.deadline("upload")
+    assert upload_by == pytest.approx(schedule.started + 15)  # 3 s left of its 5, not 5
+    # A phase that starts with time to spare gets its whole allowance, no more.
+    assert schedule.deadline("work") - time.monotonic() == pytest.approx(60, abs=1)
