@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import sys
@@ -109,6 +110,47 @@ packages: [htop]
     assert "runcmd[2] exited with status 3\n" in console
     assert "runcmd[3] exited with status 127\n" in console
     assert "'packages' is not supported" in console
+
+
+def mime_user_data(*parts: tuple[str, str]) -> str:
+    """A multipart user_data as ``cloud-init devel make-mime`` writes it."""
+    from email.mime.multipart import MIMEMultipart
+    from email.mime.text import MIMEText
+
+    message = MIMEMultipart()
+    for subtype, text in parts:
+        message.attach(MIMEText(text, subtype))
+    return message.as_string()
+
+
+def test_mime_multipart_user_data_runs_every_part_as_cloud_init_orders_them(local_cloud):
+    user_data = mime_user_data(
+        ("cloud-config", "#cloud-config\nwrite_files:\n  - path: /etc/order\n    content: |\n"
+                         "      files\nruncmd:\n  - echo runcmd >> $SLIPSTREAM_VM_DISK/etc/order\n"),
+        ("x-shellscript", "#!/bin/sh\necho script-1 >> $SLIPSTREAM_VM_DISK/etc/order\n"),
+        ("x-shellscript", "#!/bin/sh\necho script-2 >> $SLIPSTREAM_VM_DISK/etc/order\nexit 4\n"),
+    )
+    assert user_data.startswith("Content-Type: multipart/mixed")
+    server, _ = boot(local_cloud, ServerSpec("mime", "m3.tiny", NOOP, user_data=user_data))
+    # write_files first, then the scripts in order, then runcmd (part-NNN sorts before runcmd)
+    assert (disk(local_cloud, server) / "etc/order").read_text().split() == [
+        "files", "script-1", "script-2", "runcmd"]
+    assert "user_data script part-002 exited with status 4" in local_cloud.console_log(server.id)
+
+
+def test_the_config_drive_has_nova_metadata_and_network_data(local_cloud):
+    keypair = ssh.generate_keypair(comment="drive")
+    local_cloud.create_keypair("drive-key", keypair.public_key)
+    spec = ServerSpec("drive", "m3.tiny", NOOP, key_name="drive-key", user_data="#!/bin/sh\ntrue\n")
+    server, who = boot(local_cloud, spec)
+    drive = disk(local_cloud, server) / "mnt/config/openstack/latest"
+    meta = json.loads((drive / "meta_data.json").read_text())
+    assert (meta["uuid"], meta["name"], meta["hostname"]) == (server.id, "drive", "drive")
+    assert meta["public_keys"] == {"drive-key": keypair.public_key}
+    assert meta["meta"] == server.metadata and meta["meta"]  # the ownership metadata, as Nova's
+    network = json.loads((drive / "network_data.json").read_text())
+    assert [n["ip_address"] for n in network["networks"]] == [server.address]
+    assert (drive / "user_data").read_text() == spec.user_data
 
 
 def test_user_data_runs_once_per_instance_and_per_boot_scripts_at_every_boot(local_cloud):

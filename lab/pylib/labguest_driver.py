@@ -1,0 +1,257 @@
+"""Nova virt driver for the slipstream lab: nova's FakeDriver whose servers really boot.
+
+``compute_driver = labguest_driver.LabGuestDriver`` (lab/configure.sh). Each server on a loopback
+fixed address (the lab's networks are seeded in 127.80.0.0/16, floating IPs in 127.81.0.0/16)
+gets a *guest*: the very runtime LocalCloud VMs run (:mod:`slipstream.cloud.local.guest`, imported
+from the repository through ``$LAB/pylib/slipstream``, a symlink — one runtime, two hosts, no copy).
+So a lab server is a detached process group on its own 127.x address with a real sshd whose host
+key fingerprints go to the console (cloud-init format, returned by Nova's console-log API), runs
+its user_data as cloud-init does, and finds its metadata as on a config drive.
+
+What Nova asks, the guest does: power off ends the guest's processes, power on and reboot boot it
+again (user_data once per instance), shelve-offload ends it and keeps its disk (the snapshot),
+unshelve boots it from that disk, delete ends it and removes its directory. A floating IP that
+Neutron associates with a guest's port (polled once a second for all guests in one request)
+reaches the guest's listening ports: the guest forwards them from that address, as Neutron's 1:1
+NAT would — no interface, route or iptables rule is ever made.
+
+Anything else (a server on a non-loopback address, e.g. a lab seeded before loopback ranges,
+or any call this driver does not override) is FakeDriver's bookkeeping, unchanged: nothing binds,
+routes or sends to an address outside 127.0.0.0/8.
+
+On stop (``lab.sh down``) every guest is ended, as on a host shutdown; on start, guests that were
+running are booted again (a hypervisor host coming back with resume_guests_state_on_host_boot).
+"""
+
+import base64
+import ipaddress
+import json
+import os
+import time
+from pathlib import Path
+
+import eventlet
+import nova.conf
+from nova import context as nova_context
+from nova import exception
+from nova.compute import power_state, task_states
+from nova.network import neutron
+from nova.virt import fake
+from oslo_log import log as logging
+
+from slipstream.cloud.local import processes, vms
+from slipstream.cloud.models import Flavor
+from slipstream.jetstream2 import login_user_for_image
+
+CONF = nova.conf.CONF
+LOG = logging.getLogger(__name__)
+
+LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a guest's processes
+FLOATING_POLL = 1.0  # seconds between looks at Neutron's floating IPs of the guests' ports
+CONSOLE_MAX = 1 << 20  # bytes of the console log returned (Nova's API trims to the lines asked)
+LAB_TAG = "SLIPSTREAM_LAB_PROC"  # lab.sh marks its processes with it; `down` checks for leftovers
+
+
+def _loopback(address):
+    try:
+        return ipaddress.ip_address(address) in LOOPBACK
+    except ValueError:
+        return False
+
+
+def _fixed_address(network_info):
+    """(address, port id) of the first IPv4 fixed address in 127.0.0.0/8, or (None, None)."""
+    for vif in network_info or []:
+        for ip in vif.fixed_ips():
+            if ip["version"] == 4 and _loopback(ip["address"]):
+                return ip["address"], vif["id"]
+    return None, None
+
+
+class LabGuestDriver(fake.FakeDriver):
+    def __init__(self, virtapi, read_only=False):
+        super().__init__(virtapi, read_only)
+        self.home = Path(CONF.instances_path)
+        self._ports = {}  # server uuid -> its port id, for the guests that exist (dir on disk)
+        self._neutron = None
+
+    # where a guest lives ----------------------------------------------------------------------
+    def _dir(self, uuid):
+        return vms.vm_dir(self.home, uuid)
+
+    def _record(self, uuid):
+        try:
+            return json.loads((self._dir(uuid) / "guest.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _save_record(self, uuid, record):
+        path = self._dir(uuid) / "guest.json"
+        tmp = path.with_name(".guest.json.tmp")
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, path)
+
+    def _has_guest(self, uuid):
+        return self._record(uuid) is not None
+
+    # booting and ending ------------------------------------------------------------------------
+    def _boot(self, uuid):
+        record = self._record(uuid)
+        boot = record["boot"] + 1
+        vms.write_boot(self._dir(uuid), boot, time.time())
+        extra = {LAB_TAG: os.environ[LAB_TAG]} if LAB_TAG in os.environ else {}
+        (guest,) = vms.start_guests(self.home, [(uuid, boot)], extra_env=extra)
+        record.update(boot=boot, running=True, guest=[guest.pid, guest.pgid, guest.start])
+        self._save_record(uuid, record)
+        LOG.info("guest %s booted (boot %d, pid %d)", uuid, boot, guest.pid)
+
+    def _end(self, *uuids, still_running=False):
+        """End the guests' processes, all at once; ``still_running`` keeps them marked to boot
+        again with the host (a host shutdown rather than a power-off)."""
+        ended = []
+        for uuid in uuids:
+            record = self._record(uuid)
+            if record is None:
+                continue
+            guest = processes.GuestProcess(*record["guest"]) if record.get("guest") else None
+            ended.append((uuid, record, processes.VmProcesses(
+                guest, processes.vm_marker(uuid, record["boot"]), str(self._dir(uuid)))))
+        processes.end_vms([vm for _, _, vm in ended], STOP_GRACE)
+        for uuid, record, _ in ended:
+            record.update(running=still_running and record.get("running", False), guest=None)
+            self._save_record(uuid, record)
+
+    # Nova's driver API --------------------------------------------------------------------------
+    def init_host(self, host):
+        super().init_host(host)
+        guests = vms.vm_dir(self.home, "x").parent
+        guests.mkdir(parents=True, exist_ok=True)
+        for directory in sorted(guests.iterdir()):
+            record = self._record(directory.name)
+            if record is None:
+                continue
+            uuid = directory.name
+            self._ports[uuid] = record["port"]
+            self.instances[uuid] = fake.FakeInstance(record["name"], power_state.SHUTDOWN, uuid)
+            if record.get("running"):
+                self._boot(uuid)
+                self.instances[uuid].state = power_state.RUNNING
+        eventlet.spawn_n(self._follow_floating_ips)
+
+    def cleanup_host(self, host):
+        self._end(*self._ports, still_running=True)
+        super().cleanup_host(host)
+
+    def spawn(self, context, instance, image_meta, injected_files, admin_password, allocations,
+              network_info=None, block_device_info=None, power_on=True, accel_info=None):
+        super().spawn(context, instance, image_meta, injected_files, admin_password, allocations,
+                      network_info, block_device_info, power_on, accel_info)
+        address, port = _fixed_address(network_info)
+        if address is None:
+            LOG.info("no 127.x fixed address: server %s is bookkeeping only", instance.uuid)
+            return
+        uuid, directory = instance.uuid, self._dir(instance.uuid)
+        record = self._record(uuid)
+        previous = json.loads((directory / "meta.json").read_text()) if record else {}
+        # An unshelve boots the same disk: its host keys, its image and authorized key (Nova
+        # passes the shelved snapshot and no key_data).
+        image = previous.get("image") or getattr(image_meta, "name", None) or "unknown"
+        public_key = instance.key_data or next(iter(previous.get("public_keys", {}).values()), None)
+        flavor = instance.flavor
+        user_data = (base64.b64decode(instance.user_data).decode("utf-8", "replace")
+                     if instance.user_data else None)
+        vms.prepare(
+            directory, server_id=uuid, name=instance.display_name, address=address,
+            flavor=Flavor(flavor.name, flavor.vcpus, flavor.memory_mb, flavor.root_gb),
+            image=image, runs_sshd=True, metadata=dict(instance.metadata or {}), tags=[],
+            key_name=instance.key_name, public_key=public_key, user_data=user_data,
+            ssh_port=22, ssh_user=login_user_for_image(image), host=CONF.host,
+            hostname=instance.hostname, network_data=network_info_for_drive(network_info))
+        self._save_record(uuid, {"name": instance.name, "port": port, "running": False,
+                                 "boot": record["boot"] if record else 0, "guest": None})
+        self._ports[uuid] = port
+        if power_on:
+            self._boot(uuid)
+
+    def power_off(self, instance, timeout=0, retry_interval=0):
+        super().power_off(instance, timeout, retry_interval)
+        self._end(instance.uuid)
+
+    def power_on(self, context, instance, network_info, block_device_info=None, accel_info=None):
+        super().power_on(context, instance, network_info, block_device_info, accel_info)
+        if self._has_guest(instance.uuid):
+            self._end(instance.uuid)  # a power-on of a running guest boots it once, not twice
+            self._boot(instance.uuid)
+
+    def reboot(self, context, instance, network_info, reboot_type, block_device_info=None,
+               bad_volumes_callback=None, accel_info=None):
+        if instance.uuid not in self.instances and self._has_guest(instance.uuid):
+            self.instances[instance.uuid] = fake.FakeInstance(instance.name, power_state.SHUTDOWN,
+                                                              instance.uuid)
+        super().reboot(context, instance, network_info, reboot_type, block_device_info,
+                       bad_volumes_callback, accel_info)  # -> power_on: ends and boots the guest
+
+    def destroy(self, context, instance, network_info, block_device_info=None, destroy_disks=True,
+                destroy_secrets=True):
+        uuid = instance.uuid
+        self._end(uuid)
+        self._ports.pop(uuid, None)
+        if instance.task_state != task_states.SHELVING_OFFLOADING:
+            vms.remove(self._dir(uuid))  # an offloaded server keeps its disk: the snapshot
+        super().destroy(context, instance, network_info, block_device_info, destroy_disks,
+                        destroy_secrets)
+
+    def get_console_output(self, context, instance):
+        console = self._dir(instance.uuid) / "console.log"
+        if not self._has_guest(instance.uuid) or not console.exists():
+            return super().get_console_output(context, instance)
+        with open(console, "rb") as f:
+            f.seek(max(0, console.stat().st_size - CONSOLE_MAX))
+            return f.read().decode("utf-8", "replace")
+
+    # floating IPs -------------------------------------------------------------------------------
+    def _follow_floating_ips(self):
+        """Forever: tell each guest the floating IP Neutron has for its port (or None)."""
+        shown = {}
+        while True:
+            eventlet.sleep(FLOATING_POLL)
+            ports = {port: uuid for uuid, port in list(self._ports.items()) if port}
+            if not ports:
+                continue
+            try:
+                if self._neutron is None:
+                    self._neutron = neutron.get_client(nova_context.get_admin_context(), admin=True)
+                found = self._neutron.list_floatingips(port_id=list(ports))["floatingips"]
+            except Exception as err:  # noqa: BLE001 - Neutron restarting: try again next time
+                LOG.warning("cannot read floating IPs from Neutron: %s", err)
+                self._neutron = None
+                continue
+            wanted = {uuid: None for uuid in ports.values()}
+            for fip in found:
+                if fip.get("port_id") in ports and _loopback(fip["floating_ip_address"]):
+                    wanted[ports[fip["port_id"]]] = fip["floating_ip_address"]
+            for uuid, address in wanted.items():
+                if shown.get(uuid, "unset") != address:
+                    vms.update_meta(self._dir(uuid), floating_ip=address)
+                    shown[uuid] = address
+            for uuid in set(shown) - set(wanted):
+                del shown[uuid]
+
+
+def network_info_for_drive(network_info):
+    """``network_data.json`` as a config drive carries it (links, networks; no services)."""
+    links, networks = [], []
+    for i, vif in enumerate(network_info or []):
+        links.append({"id": f"tap{vif['id'][:11]}", "vif_id": vif["id"], "type": "ovs",
+                      "mtu": vif["network"]["meta"].get("mtu") or 1500,
+                      "ethernet_mac_address": vif["address"]})
+        for subnet in vif["network"]["subnets"]:
+            for ip in subnet["ips"]:
+                if ip["version"] != 4:
+                    continue
+                net = ipaddress.ip_network(subnet["cidr"])
+                networks.append({"id": f"network{i}", "type": "ipv4", "link": links[-1]["id"],
+                                 "ip_address": ip["address"], "netmask": str(net.netmask),
+                                 "network_id": vif["network"]["id"], "routes": []})
+    return {"links": links, "networks": networks, "services": []}
