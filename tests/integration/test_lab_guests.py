@@ -15,7 +15,6 @@ loopback networks of the project (default ``auto_allocated_network`` / ``public`
 from __future__ import annotations
 
 import ipaddress
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "contract"))
 
-from openstack_lab import open_lab_cloud
+from openstack_lab import (
+    GUEST_EXTERNAL_NETWORK,
+    GUEST_NETWORK,
+    guest_processes,
+    not_loopback,
+    open_lab_cloud,
+    require_loopback_guests,
+)
 from support import owner as new_owner
 
 from slipstream import ssh
@@ -36,8 +42,6 @@ from slipstream.ownership.ledger import Ledger
 
 pytestmark = pytest.mark.lab
 
-NETWORK = os.environ.get("SLIPSTREAM_LAB_GUEST_NETWORK", "auto_allocated_network")
-EXTERNAL_NETWORK = os.environ.get("SLIPSTREAM_LAB_GUEST_EXTERNAL_NETWORK", "public")
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 BOOT_TIMEOUT = 120.0  # seconds: create call until ACTIVE
 SSH_TIMEOUT = 60.0  # seconds: ACTIVE until SSH answers with the console's host key
@@ -50,35 +54,10 @@ chmod 644 "$HOME/user_data_ran"
 
 @pytest.fixture(scope="module")
 def guest_cloud():
-    cloud = open_lab_cloud(external_network=EXTERNAL_NETWORK)
-    # (The external network's subnets are the admin's: its floating IPs are checked when made.)
-    net = cloud.conn.network.get_network(cloud._network_id(NETWORK))
-    cidrs = [cloud.conn.network.get_subnet(s).cidr for s in net.subnet_ids]
-    if not cidrs or not all(ipaddress.ip_network(c).subnet_of(LOOPBACK) for c in cidrs):
-        pytest.fail(not_loopback(f"network {NETWORK!r} has subnets {cidrs}"), pytrace=False)
+    cloud = open_lab_cloud(external_network=GUEST_EXTERNAL_NETWORK)
+    require_loopback_guests(cloud)
     yield cloud
     cloud.close()
-
-
-def not_loopback(what: str) -> str:
-    return (f"lab {what}, not in 127.0.0.0/8: the lab was seeded before loopback ranges, and "
-            "nothing may connect to its documentation ranges. Reseed it: lab/lab.sh reset && lab/lab.sh up")
-
-
-def guest_processes(server_id: str) -> list[str]:
-    """Command lines of running processes that belong to the server's guest: its guest process
-    and sshd name the guest's directory; sessions and user_data carry its id in their environment."""
-    found = []
-    marker = f"SLIPSTREAM_SERVER_ID={server_id}".encode()
-    for entry in Path("/proc").iterdir():
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            if entry.name.isdigit() and (server_id.encode() in cmdline
-                                         or marker in (entry / "environ").read_bytes().split(b"\0")):
-                found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
-        except OSError:
-            pass  # gone meanwhile
-    return found
 
 
 def test_a_lab_server_boots_a_guest_reachable_over_ssh_and_leaves_nothing(guest_cloud, tmp_path):
@@ -89,7 +68,7 @@ def test_a_lab_server_boots_a_guest_reachable_over_ssh_and_leaves_nothing(guest_
         kp = lease.create_keypair(keypair.public_key)
         started = time.monotonic()
         (server,) = lease.create_servers(ServerSpec(
-            "guest", "m3.tiny", DEFAULT_IMAGE, key_name=kp.name, network=NETWORK, user_data=USER_DATA))
+            "guest", "m3.tiny", DEFAULT_IMAGE, key_name=kp.name, network=GUEST_NETWORK, user_data=USER_DATA))
         (server,) = wait_for_servers(cloud, who.run_id, [server.id], timeout=BOOT_TIMEOUT, poll_interval=0.5)
         assert server.status == ServerStatus.ACTIVE
         assert ipaddress.ip_address(server.address) in LOOPBACK, server
