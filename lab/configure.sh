@@ -138,10 +138,11 @@ my_ip = 127.0.0.1
 host = lab-compute
 state_path = $LAB/data/nova
 instances_path = $LAB/data/nova/instances
-# pylib/labguest_driver.py (run by pylib/lab_nova_compute.py): nova's FakeDriver whose servers on 127.x addresses boot a real guest
-# (slipstream's LocalCloud guest runtime: process group, sshd, user_data, console). It reports one host
-# of 1000 vCPU / 800000 MiB / 600000 GB; the ratios make room for many Jetstream2-sized servers
-# (max_unit stays 800000 MiB: every seeded flavour but r3.xl fits on the host).
+# pylib/labguest_driver.py (nova-compute runs as pylib/lab_nova_compute.py): nova's FakeDriver whose
+# servers on 127.x addresses boot a real guest (slipstream's LocalCloud guest runtime: process group,
+# sshd, user_data, console). It reports one host of 1000 vCPU / 800000 MiB / 600000 GB; the ratios
+# make room for many Jetstream2-sized servers (max_unit stays 800000 MiB: every seeded flavour but
+# r3.xl fits on the host).
 compute_driver = labguest.LabGuestDriver
 cpu_allocation_ratio = 16.0
 ram_allocation_ratio = 4.0
