@@ -144,6 +144,9 @@ instances_path = $LAB/data/nova/instances
 # make room for many Jetstream2-sized servers (max_unit stays 800000 MiB: every seeded flavour but
 # r3.xl fits on the host).
 compute_driver = labguest.LabGuestDriver
+# a restarted nova-compute boots again the guests of servers that were running (the driver ends
+# them all when it stops, as a host shutdown would)
+resume_guests_state_on_host_boot = true
 cpu_allocation_ratio = 16.0
 ram_allocation_ratio = 4.0
 disk_allocation_ratio = 1.0

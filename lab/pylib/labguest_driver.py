@@ -17,7 +17,7 @@ NAT would — no interface, route or iptables rule is ever made.
 
 Anything else (a server on a non-loopback address, e.g. a lab seeded before loopback ranges,
 or any call this driver does not override) is FakeDriver's bookkeeping, unchanged: nothing binds,
-routes or sends to an address outside 127.0.0.0/8.
+routes or sends to an address outside 127.0.0.0/8, nor binds 127.0.x.y (the lab's services').
 
 On stop (``lab.sh down``) every guest is ended, as on a host shutdown; on start, guests that were
 running are booted again (a hypervisor host coming back with resume_guests_state_on_host_boot).
@@ -47,6 +47,7 @@ CONF = nova.conf.CONF
 LOG = logging.getLogger(__name__)
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+HOST_LOOPBACK = ipaddress.ip_network("127.0.0.0/16")  # the lab's services and the host listen here
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a guest's processes
 FLOATING_POLL = 1.0  # seconds between looks at Neutron's floating IPs of the guests' ports
 CONSOLE_MAX = 1 << 20  # bytes of the console log returned (Nova's API trims to the lines asked)
@@ -54,14 +55,16 @@ LAB_TAG = "SLIPSTREAM_LAB_PROC"  # lab.sh marks its processes with it; `down` ch
 
 
 def _loopback(address):
+    """An address a guest may bind: in 127.0.0.0/8 but not 127.0.x.y."""
     try:
-        return ipaddress.ip_address(address) in LOOPBACK
+        ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    return ip in LOOPBACK and ip not in HOST_LOOPBACK
 
 
 def _fixed_address(network_info):
-    """(address, port id) of the first IPv4 fixed address in 127.0.0.0/8, or (None, None)."""
+    """(address, port id) of the first IPv4 fixed address a guest may bind, or (None, None)."""
     for vif in network_info or []:
         for ip in vif.fixed_ips():
             if ip["version"] == 4 and _loopback(ip["address"]):
@@ -73,7 +76,8 @@ class LabGuestDriver(fake.FakeDriver):
     def __init__(self, virtapi, read_only=False):
         super().__init__(virtapi, read_only)
         self.home = Path(CONF.instances_path)
-        self._ports = {}  # server uuid -> its port id, for the guests that exist (dir on disk)
+        self._guests = vms.vm_dir(self.home, "-").parent
+        self._ports = {}  # server uuid -> its port id, for the guests that run
         self._neutron = None
 
     # where a guest lives ----------------------------------------------------------------------
@@ -95,6 +99,10 @@ class LabGuestDriver(fake.FakeDriver):
     def _has_guest(self, uuid):
         return self._record(uuid) is not None
 
+    def _guest_ids(self):
+        """Every server with a guest directory, running or not."""
+        return [d.name for d in sorted(self._guests.iterdir()) if (d / "guest.json").exists()]
+
     # booting and ending ------------------------------------------------------------------------
     def _boot(self, uuid):
         record = self._record(uuid)
@@ -102,15 +110,16 @@ class LabGuestDriver(fake.FakeDriver):
         vms.write_boot(self._dir(uuid), boot, time.time())
         extra = {LAB_TAG: os.environ[LAB_TAG]} if LAB_TAG in os.environ else {}
         (guest,) = vms.start_guests(self.home, [(uuid, boot)], extra_env=extra)
-        record.update(boot=boot, running=True, guest=[guest.pid, guest.pgid, guest.start])
+        record.update(boot=boot, guest=[guest.pid, guest.pgid, guest.start])
         self._save_record(uuid, record)
+        self._ports[uuid] = record["port"]
         LOG.info("guest %s booted (boot %d, pid %d)", uuid, boot, guest.pid)
 
-    def _end(self, *uuids, still_running=False):
-        """End the guests' processes, all at once; ``still_running`` keeps them marked to boot
-        again with the host (a host shutdown rather than a power-off)."""
+    def _end(self, *uuids):
+        """End the guests' processes, all at once."""
         ended = []
         for uuid in uuids:
+            self._ports.pop(uuid, None)
             record = self._record(uuid)
             if record is None:
                 continue
@@ -119,29 +128,30 @@ class LabGuestDriver(fake.FakeDriver):
                 guest, processes.vm_marker(uuid, record["boot"]), str(self._dir(uuid)))))
         processes.end_vms([vm for _, _, vm in ended], STOP_GRACE)
         for uuid, record, _ in ended:
-            record.update(running=still_running and record.get("running", False), guest=None)
+            record.update(guest=None)
             self._save_record(uuid, record)
 
     # Nova's driver API --------------------------------------------------------------------------
     def init_host(self, host):
+        """After a restart every guest is off (cleanup_host ended them): known, so that Nova can
+        power them on, and booted again only when Nova resumes its running servers."""
         super().init_host(host)
-        guests = vms.vm_dir(self.home, "x").parent
-        guests.mkdir(parents=True, exist_ok=True)
-        for directory in sorted(guests.iterdir()):
-            record = self._record(directory.name)
-            if record is None:
-                continue
-            uuid = directory.name
-            self._ports[uuid] = record["port"]
-            self.instances[uuid] = fake.FakeInstance(record["name"], power_state.SHUTDOWN, uuid)
-            if record.get("running"):
-                self._boot(uuid)
-                self.instances[uuid].state = power_state.RUNNING
+        self._guests.mkdir(parents=True, exist_ok=True)
+        for uuid in self._guest_ids():
+            self._end(uuid)  # a nova-compute that was killed could not end them
+            self.instances[uuid] = fake.FakeInstance(self._record(uuid)["name"], power_state.SHUTDOWN, uuid)
         eventlet.spawn_n(self._follow_floating_ips)
 
     def cleanup_host(self, host):
-        self._end(*self._ports, still_running=True)
+        self._end(*self._guest_ids())  # the host shuts down: so do its guests
         super().cleanup_host(host)
+
+    def resume_state_on_host_boot(self, context, instance, network_info, block_device_info=None):
+        """Nova, at start (resume_guests_state_on_host_boot), for each server that was running:
+        boot its guest again; without one, get back the bookkeeping FakeDriver kept in memory."""
+        self.instances[instance.uuid] = fake.FakeInstance(instance.name, power_state.RUNNING, instance.uuid)
+        if self._has_guest(instance.uuid):
+            self._boot(instance.uuid)
 
     def spawn(self, context, instance, image_meta, injected_files, admin_password, allocations,
               network_info=None, block_device_info=None, power_on=True, accel_info=None):
@@ -168,9 +178,8 @@ class LabGuestDriver(fake.FakeDriver):
             key_name=instance.key_name, public_key=public_key, user_data=user_data,
             ssh_port=22, ssh_user=login_user_for_image(image), host=CONF.host,
             hostname=instance.hostname, network_data=network_info_for_drive(network_info))
-        self._save_record(uuid, {"name": instance.name, "port": port, "running": False,
+        self._save_record(uuid, {"name": instance.name, "port": port,
                                  "boot": record["boot"] if record else 0, "guest": None})
-        self._ports[uuid] = port
         if power_on:
             self._boot(uuid)
 
@@ -196,7 +205,6 @@ class LabGuestDriver(fake.FakeDriver):
                 destroy_secrets=True):
         uuid = instance.uuid
         self._end(uuid)
-        self._ports.pop(uuid, None)
         if instance.task_state != task_states.SHELVING_OFFLOADING:
             vms.remove(self._dir(uuid))  # an offloaded server keeps its disk: the snapshot
         super().destroy(context, instance, network_info, block_device_info, destroy_disks,
@@ -213,7 +221,7 @@ class LabGuestDriver(fake.FakeDriver):
     # floating IPs -------------------------------------------------------------------------------
     def _follow_floating_ips(self):
         """Forever: tell each guest the floating IP Neutron has for its port (or None)."""
-        shown = {}
+        shown, failing = {}, False
         while True:
             eventlet.sleep(FLOATING_POLL)
             ports = {port: uuid for uuid, port in list(self._ports.items()) if port}
@@ -224,9 +232,12 @@ class LabGuestDriver(fake.FakeDriver):
                     self._neutron = neutron.get_client(nova_context.get_admin_context(), admin=True)
                 found = self._neutron.list_floatingips(port_id=list(ports))["floatingips"]
             except Exception as err:  # noqa: BLE001 - Neutron restarting: try again next time
-                LOG.warning("cannot read floating IPs from Neutron: %s", err)
-                self._neutron = None
+                if not failing:
+                    LOG.warning("cannot read floating IPs from Neutron (retrying every %s s): %s",
+                                FLOATING_POLL, err)
+                failing, self._neutron = True, None
                 continue
+            failing = False
             wanted = {uuid: None for uuid in ports.values()}
             for fip in found:
                 if fip.get("port_id") in ports and _loopback(fip["floating_ip_address"]):

@@ -109,3 +109,61 @@ def test_a_lab_server_boots_a_guest_reachable_over_ssh_and_leaves_nothing(guest_
     left = guest_processes(server.id)
     assert left == [], f"processes of deleted server {server.id} still run: {left}"
     print(f"boot to SSH: {boot_to_ssh:.1f} s")
+
+
+def wait_status(cloud, server_id: str, status: ServerStatus, timeout: float = BOOT_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while (server := cloud.get_server(server_id)).status != status:
+        assert time.monotonic() < deadline, f"{server_id} is {server.status}, not {status}, after {timeout} s"
+        time.sleep(0.5)
+    return server
+
+
+def ssh_in(cloud, server_id: str, keypair) -> ssh.SshTarget:
+    return ssh.wait_for_ssh(
+        lambda: ssh.target_for(cloud.get_server(server_id), keypair, cloud.console_log(server_id)),
+        timeout=SSH_TIMEOUT, poll_interval=0.2)
+
+
+def test_stop_start_reboot_shelve_and_unshelve_do_to_the_guest_what_they_do_to_a_vm(guest_cloud, tmp_path):
+    cloud = guest_cloud
+    who = new_owner("lab-guests")
+    keypair = ssh.generate_keypair(comment=f"slipstream-{who.run_id}")
+    user_data = '#!/bin/sh\necho run >> "$HOME/runs"; chmod 644 "$HOME/runs"\n'
+    with Lease(cloud, who, ledger=Ledger(tmp_path / "ledger.db"), delete_timeout=120) as lease:
+        kp = lease.create_keypair(keypair.public_key)
+        (server,) = lease.create_servers(ServerSpec(
+            "cycle", "m3.tiny", DEFAULT_IMAGE, key_name=kp.name, network=GUEST_NETWORK, user_data=user_data))
+        wait_status(cloud, server.id, ServerStatus.ACTIVE)
+        first = ssh_in(cloud, server.id, keypair)
+
+        def after(what: str) -> None:
+            """The guest answers again, same host keys, and user_data ran once in all."""
+            target = ssh_in(cloud, server.id, keypair)
+            assert target.expected_fingerprints == first.expected_fingerprints, what
+            assert ssh.run_command(target, "cat runs", timeout=30).stdout.split() == ["run"], what
+
+        cloud.stop_server(server.id)
+        wait_status(cloud, server.id, ServerStatus.SHUTOFF)
+        assert guest_processes(server.id) == []  # powered off: nothing of it runs
+        cloud.start_server(server.id)
+        wait_status(cloud, server.id, ServerStatus.ACTIVE)
+        after("start")
+
+        boots = cloud.console_log(server.id).count("running 'init'")
+        cloud.conn.compute.reboot_server(server.id, "SOFT")
+        deadline = time.monotonic() + BOOT_TIMEOUT  # a reboot shows as a new boot on the console
+        while cloud.console_log(server.id).count("running 'init'") == boots:
+            assert time.monotonic() < deadline, "no new boot on the console after a reboot"
+            time.sleep(0.5)
+        wait_status(cloud, server.id, ServerStatus.ACTIVE)
+        after("reboot")
+
+        cloud.shelve_server(server.id)
+        wait_status(cloud, server.id, ServerStatus.SHELVED_OFFLOADED)
+        assert guest_processes(server.id) == []  # offloaded: no process, only its disk is kept
+        cloud.unshelve_server(server.id)
+        wait_status(cloud, server.id, ServerStatus.ACTIVE)
+        after("unshelve")
+    assert lease.proof.clean, lease.proof.summary()
+    assert guest_processes(server.id) == []
