@@ -491,7 +491,8 @@ def populate() -> None:
     sub_v4 = use_loopback_subnet(
         api, proj["id"], topo["auto_allocated_network"], topo["auto_allocated_router"])
     if sub_v4:
-        topo.update(auto_allocated_subnet_v4=sub_v4["id"], auto_allocated_subnet_v4_cidr=sub_v4["cidr"])
+        topo.update(auto_allocated_subnet_v4=sub_v4["id"],
+                    auto_allocated_subnet_v4_cidr=sub_v4["cidr"])
     if not sub["cidr"].startswith("127."):
         print(f"seed: WARNING: floating IPs come from {sub['cidr']} (seeded before loopback "
               "ranges): they never reach a guest (lab.sh reset seeds afresh)")

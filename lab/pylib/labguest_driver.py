@@ -1,8 +1,9 @@
 """Nova virt driver for the slipstream lab: nova's FakeDriver whose servers really boot.
 
-``compute_driver = labguest_driver.LabGuestDriver`` (lab/configure.sh). Each server on a loopback
-fixed address (the lab's networks are seeded in 127.80.0.0/16, floating IPs in 127.81.0.0/16)
-gets a *guest*: the very runtime LocalCloud VMs run (:mod:`slipstream.cloud.local.guest`, imported
+``compute_driver = labguest.LabGuestDriver`` (lab/configure.sh; pylib/lab_nova_compute.py makes
+this module ``nova.virt.labguest``, the only place Nova looks for drivers). Each server on a
+loopback fixed address (the lab's networks are seeded in 127.80.0.0/16, floating IPs in
+127.81.0.0/16) gets a *guest*: the very runtime LocalCloud VMs run (:mod:`slipstream.cloud.local.guest`, imported
 from the repository through ``$LAB/pylib/slipstream``, a symlink — one runtime, two hosts, no copy).
 So a lab server is a detached process group on its own 127.x address with a real sshd whose host
 key fingerprints go to the console (cloud-init format, returned by Nova's console-log API), runs
@@ -10,8 +11,9 @@ its user_data as cloud-init does, and finds its metadata as on a config drive.
 
 What Nova asks, the guest does: power off ends the guest's processes, power on and reboot boot it
 again (user_data once per instance), shelve-offload ends it and keeps its disk (the snapshot),
-unshelve boots it from that disk, delete ends it and removes its directory. A floating IP that
-Neutron associates with a guest's port (polled once a second for all guests in one request)
+unshelve boots it from that disk, delete ends it and removes its directory (a server deleted
+while offloaded, when Nova calls no driver, loses it within SWEEP_EVERY seconds). A floating IP
+that Neutron associates with a guest's port (polled once a second for all guests in one request)
 reaches the guest's listening ports: the guest forwards them from that address, as Neutron's 1:1
 NAT would — no interface, route or iptables rule is ever made.
 
@@ -33,7 +35,7 @@ from pathlib import Path
 import eventlet
 import nova.conf
 from nova import context as nova_context
-from nova import exception
+from nova import exception, objects
 from nova.compute import power_state, task_states
 from nova.network import neutron
 from nova.virt import fake
@@ -50,6 +52,7 @@ LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 HOST_LOOPBACK = ipaddress.ip_network("127.0.0.0/16")  # the lab's services and the host listen here
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a guest's processes
 FLOATING_POLL = 1.0  # seconds between looks at Neutron's floating IPs of the guests' ports
+SWEEP_EVERY = 30.0  # seconds between looks for stopped guests whose server was deleted
 CONSOLE_MAX = 1 << 20  # bytes of the console log returned (Nova's API trims to the lines asked)
 LAB_TAG = "SLIPSTREAM_LAB_PROC"  # lab.sh marks its processes with it; `down` checks for leftovers
 
@@ -139,8 +142,10 @@ class LabGuestDriver(fake.FakeDriver):
         self._guests.mkdir(parents=True, exist_ok=True)
         for uuid in self._guest_ids():
             self._end(uuid)  # a nova-compute that was killed could not end them
-            self.instances[uuid] = fake.FakeInstance(self._record(uuid)["name"], power_state.SHUTDOWN, uuid)
+            name = self._record(uuid)["name"]
+            self.instances[uuid] = fake.FakeInstance(name, power_state.SHUTDOWN, uuid)
         eventlet.spawn_n(self._follow_floating_ips)
+        eventlet.spawn_n(self._sweep_deleted)
 
     def cleanup_host(self, host):
         self._end(*self._guest_ids())  # the host shuts down: so do its guests
@@ -149,7 +154,8 @@ class LabGuestDriver(fake.FakeDriver):
     def resume_state_on_host_boot(self, context, instance, network_info, block_device_info=None):
         """Nova, at start (resume_guests_state_on_host_boot), for each server that was running:
         boot its guest again; without one, get back the bookkeeping FakeDriver kept in memory."""
-        self.instances[instance.uuid] = fake.FakeInstance(instance.name, power_state.RUNNING, instance.uuid)
+        self.instances[instance.uuid] = fake.FakeInstance(
+            instance.name, power_state.RUNNING, instance.uuid)
         if self._has_guest(instance.uuid):
             self._boot(instance.uuid)
 
@@ -219,6 +225,23 @@ class LabGuestDriver(fake.FakeDriver):
             return f.read().decode("utf-8", "replace")
 
     # floating IPs -------------------------------------------------------------------------------
+    def _sweep_deleted(self):
+        """Forever: remove the directory of a stopped guest whose server Nova no longer has
+        (deleted while shelved-offloaded or while nova-compute was down: no destroy came)."""
+        while True:
+            eventlet.sleep(SWEEP_EVERY)
+            for uuid in self._guest_ids():
+                if uuid in self._ports:
+                    continue  # running: its delete comes to destroy()
+                try:
+                    objects.Instance.get_by_uuid(nova_context.get_admin_context(), uuid)
+                except exception.InstanceNotFound:
+                    LOG.info("server %s is gone: removing its guest's disk", uuid)
+                    vms.remove(self._dir(uuid))
+                    self.instances.pop(uuid, None)
+                except Exception as err:  # noqa: BLE001 - the conductor restarting: next round
+                    LOG.debug("cannot look up server %s: %s", uuid, err)
+
     def _follow_floating_ips(self):
         """Forever: tell each guest the floating IP Neutron has for its port (or None)."""
         shown, failing = {}, False

@@ -59,7 +59,8 @@ def open_lab_cloud(cloud: str = LAB_CLOUD, **kwargs) -> OpenStackCloud:
 
 def not_loopback(what: str) -> str:
     return (f"lab {what}, not in 127.0.0.0/8: the lab was seeded before loopback ranges, and "
-            "nothing may connect to its documentation ranges. Reseed it: lab/lab.sh reset && lab/lab.sh up")
+            "nothing may connect to its documentation ranges. "
+            "Reseed it: lab/lab.sh reset && lab/lab.sh up")
 
 
 def require_loopback_guests(cloud: OpenStackCloud) -> None:
@@ -76,14 +77,16 @@ def require_loopback_guests(cloud: OpenStackCloud) -> None:
 
 def guest_processes(server_id: str) -> list[str]:
     """Command lines of running processes that belong to the server's guest: its guest process
-    and sshd name the guest's directory; sessions and user_data carry its id in their environment."""
+    and sshd name the guest's directory; sessions and user_data carry its id in their
+    environment."""
     found = []
     marker = f"SLIPSTREAM_SERVER_ID={server_id}".encode()
     for entry in Path("/proc").iterdir():
         try:
             cmdline = (entry / "cmdline").read_bytes()
-            if entry.name.isdigit() and (server_id.encode() in cmdline
-                                         or marker in (entry / "environ").read_bytes().split(b"\0")):
+            if entry.name.isdigit() and (
+                    server_id.encode() in cmdline
+                    or marker in (entry / "environ").read_bytes().split(b"\0")):
                 found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
         except OSError:
             pass  # gone meanwhile

@@ -68,14 +68,17 @@ def test_a_lab_server_boots_a_guest_reachable_over_ssh_and_leaves_nothing(guest_
         kp = lease.create_keypair(keypair.public_key)
         started = time.monotonic()
         (server,) = lease.create_servers(ServerSpec(
-            "guest", "m3.tiny", DEFAULT_IMAGE, key_name=kp.name, network=GUEST_NETWORK, user_data=USER_DATA))
-        (server,) = wait_for_servers(cloud, who.run_id, [server.id], timeout=BOOT_TIMEOUT, poll_interval=0.5)
+            "guest", "m3.tiny", DEFAULT_IMAGE, key_name=kp.name, network=GUEST_NETWORK,
+            user_data=USER_DATA))
+        (server,) = wait_for_servers(cloud, who.run_id, [server.id], timeout=BOOT_TIMEOUT,
+                                     poll_interval=0.5)
         assert server.status == ServerStatus.ACTIVE
         assert ipaddress.ip_address(server.address) in LOOPBACK, server
         assert server.reachable_address == server.address  # no floating IP yet
 
         def target() -> ssh.SshTarget:  # re-read the console each try: the host keys come late
-            return ssh.target_for(cloud.get_server(server.id), keypair, cloud.console_log(server.id))
+            return ssh.target_for(cloud.get_server(server.id), keypair,
+                                  cloud.console_log(server.id))
 
         reached = ssh.wait_for_ssh(target, timeout=SSH_TIMEOUT, poll_interval=0.2)
         boot_to_ssh = time.monotonic() - started
@@ -88,7 +91,8 @@ def test_a_lab_server_boots_a_guest_reachable_over_ssh_and_leaves_nothing(guest_
 
         # A floating IP from the external network reaches the same guest (same host keys).
         fip = lease.create_floating_ip()
-        assert ipaddress.ip_address(fip.address) in LOOPBACK, not_loopback(f"floating IP {fip.address}")
+        assert ipaddress.ip_address(fip.address) in LOOPBACK, not_loopback(
+            f"floating IP {fip.address}")
         cloud.attach_floating_ip(fip.id, server.id)
         shown = cloud.get_server(server.id)
         deadline = time.monotonic() + FIP_TIMEOUT  # Nova learns of it from Neutron, asynchronously
@@ -114,7 +118,8 @@ def test_a_lab_server_boots_a_guest_reachable_over_ssh_and_leaves_nothing(guest_
 def wait_status(cloud, server_id: str, status: ServerStatus, timeout: float = BOOT_TIMEOUT):
     deadline = time.monotonic() + timeout
     while (server := cloud.get_server(server_id)).status != status:
-        assert time.monotonic() < deadline, f"{server_id} is {server.status}, not {status}, after {timeout} s"
+        assert time.monotonic() < deadline, (
+            f"{server_id} is {server.status}, not {status}, after {timeout} s")
         time.sleep(0.5)
     return server
 
@@ -125,7 +130,7 @@ def ssh_in(cloud, server_id: str, keypair) -> ssh.SshTarget:
         timeout=SSH_TIMEOUT, poll_interval=0.2)
 
 
-def test_stop_start_reboot_shelve_and_unshelve_do_to_the_guest_what_they_do_to_a_vm(guest_cloud, tmp_path):
+def test_stop_start_reboot_shelve_and_unshelve_act_on_the_guest_as_on_a_vm(guest_cloud, tmp_path):
     cloud = guest_cloud
     who = new_owner("lab-guests")
     keypair = ssh.generate_keypair(comment=f"slipstream-{who.run_id}")
@@ -133,7 +138,8 @@ def test_stop_start_reboot_shelve_and_unshelve_do_to_the_guest_what_they_do_to_a
     with Lease(cloud, who, ledger=Ledger(tmp_path / "ledger.db"), delete_timeout=120) as lease:
         kp = lease.create_keypair(keypair.public_key)
         (server,) = lease.create_servers(ServerSpec(
-            "cycle", "m3.tiny", DEFAULT_IMAGE, key_name=kp.name, network=GUEST_NETWORK, user_data=user_data))
+            "cycle", "m3.tiny", DEFAULT_IMAGE, key_name=kp.name, network=GUEST_NETWORK,
+            user_data=user_data))
         wait_status(cloud, server.id, ServerStatus.ACTIVE)
         first = ssh_in(cloud, server.id, keypair)
 

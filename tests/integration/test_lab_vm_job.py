@@ -62,12 +62,13 @@ def test_vm_job_uploads_runs_and_downloads_on_the_lab_and_leaves_nothing(lab_clo
         "print('summed', len(x), 'numbers')\n"
     )
 
-    result = vm_job(flavor="m3.tiny", script=str(script), inputs=[str(numbers)], outputs=["out.json"],
-                    cloud=f"slipstream-openstack-credentials/{block}", results_dir=str(tmp_path / "results"),
-                    boot_timeout_seconds=300)
+    result = vm_job(flavor="m3.tiny", script=str(script), inputs=[str(numbers)],
+                    outputs=["out.json"], cloud=f"slipstream-openstack-credentials/{block}",
+                    results_dir=str(tmp_path / "results"), boot_timeout_seconds=300)
 
     assert result.exit_status == 0 and "summed 4 numbers" in result.stdout_tail
-    assert json.loads((tmp_path / "results" / "out.json").read_text()) == {"sum": 10.0, "user": "ubuntu"}
+    out = json.loads((tmp_path / "results" / "out.json").read_text())
+    assert out == {"sum": 10.0, "user": "ubuntu"}  # ran as the image's login user
     deleted = {r.kind.value: r for r in result.resources}
     assert set(deleted) == {"server", "keypair", "floating_ip"}
     # it went through the floating IP, which is a loopback address of the lab's external network

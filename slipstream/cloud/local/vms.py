@@ -110,8 +110,9 @@ def _write_config_drive(folder: Path, *, server_id: str, name: str, hostname: st
         }
     _write_json(folder / "network_data.json", network_data)
     if user_data is not None:
-        with os.fdopen(os.open(folder / "user_data", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            f.write(user_data)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        with os.fdopen(os.open(folder / "user_data", flags, 0o600), "w") as f:
+            f.write(user_data)  # may hold a key: owner only
 
 
 def update_meta(directory: Path, **changes: object) -> None:
