@@ -26,6 +26,7 @@ running are booted again (a hypervisor host coming back with resume_guests_state
 """
 
 import base64
+import gzip
 import ipaddress
 import json
 import os
@@ -175,8 +176,7 @@ class LabGuestDriver(fake.FakeDriver):
         image = previous.get("image") or getattr(image_meta, "name", None) or "unknown"
         public_key = instance.key_data or next(iter(previous.get("public_keys", {}).values()), None)
         flavor = instance.flavor
-        user_data = (base64.b64decode(instance.user_data).decode("utf-8", "replace")
-                     if instance.user_data else None)
+        user_data = _user_data(instance.user_data)
         vms.prepare(
             directory, server_id=uuid, name=instance.display_name, address=address,
             flavor=Flavor(flavor.name, flavor.vcpus, flavor.memory_mb, flavor.root_gb),
@@ -271,6 +271,16 @@ class LabGuestDriver(fake.FakeDriver):
                     shown[uuid] = address
             for uuid in set(shown) - set(wanted):
                 del shown[uuid]
+
+
+def _user_data(encoded):
+    """Nova's base64 user_data as text; gzip-compressed user_data is unpacked, as cloud-init does."""
+    if not encoded:
+        return None
+    raw = base64.b64decode(encoded)
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return raw.decode("utf-8", "replace")
 
 
 def network_info_for_drive(network_info):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import socket
 import sys
 from pathlib import Path
@@ -216,6 +217,28 @@ def test_a_featured_vm_runs_sshd_on_its_address_and_prints_its_host_keys(local_c
     wait_for_servers(local_cloud, who.run_id, [server.id], timeout=20, poll_interval=0.05)
     wait_until(lambda: local_cloud.console_log(server.id).count(FINISHED) == 2, what="second boot")
     assert ssh.host_keys_from_console(local_cloud.console_log(server.id)) == fingerprints
+
+
+def test_a_wildcard_listener_on_the_ssh_port_is_named_on_the_console(tmp_path):
+    """A host sshd on 0.0.0.0:22 keeps every guest from port 22 (Linux lets no socket share a
+    listening wildcard's port): the console says so instead of a bare "did not start"."""
+    from slipstream.cloud.local import LocalCloud, LocalCloudOptions
+
+    with socket.socket() as blocker:
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        blocker.bind(("0.0.0.0", 0))  # a free port, on every address, as a host sshd's 22
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        cloud = LocalCloud(options=LocalCloudOptions(
+            home=tmp_path / "localcloud", boot_delay=0.05, stop_grace=1.0, ssh_port=port,
+            network=f"127.64.{random.randint(100, 249)}.0/24"))
+        try:
+            server, _ = boot(cloud, ServerSpec("blocked", "m3.tiny", "Featured-Ubuntu24"))
+            console = cloud.console_log(server.id)
+        finally:
+            cloud.reset()
+    assert f"sshd did not start listening on {server.address}:{port}" in console
+    assert f"a process listens on 0.0.0.0:{port}" in console and "ListenAddress" in console
 
 
 def test_the_noop_image_runs_no_sshd(local_cloud):

@@ -221,9 +221,14 @@ class Guest:
         deadline = time.monotonic() + 10.0
         while not listens(self.sshd.pid, m["address"], m["ssh_port"]):
             if self.sshd.returncode is not None or time.monotonic() > deadline:
-                taken = (m["address"], m["ssh_port"]) in tcp_listeners()
+                listeners = tcp_listeners()
+                taken = (m["address"], m["ssh_port"]) in listeners
+                wildcard = ("0.0.0.0", m["ssh_port"]) in listeners
                 say(f"sshd did not start listening on {m['address']}:{m['ssh_port']}"
                     + (": another process holds that address and port" if taken else "")
+                    + (f": a process listens on 0.0.0.0:{m['ssh_port']} (the host's sshd?), which "
+                       "Linux lets no other socket share; make it listen on its own addresses "
+                       "(sshd_config ListenAddress)" if wildcard and not taken else "")
                     + f" (see {self.vm_dir / 'sshd.log'})")
                 return
             await asyncio.sleep(0.02)
