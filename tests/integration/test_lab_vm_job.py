@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "contract"))
 
@@ -37,12 +36,11 @@ LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def prefect_harness(lab_cloud):
+def lab_and_prefect(lab_cloud, prefect_harness):
     # lab_cloud first: when the lab is down this skips (or fails under SLIPSTREAM_REQUIRE_LAB=1)
     # before a Prefect server is started for nothing.
     require_loopback_guests(lab_cloud)
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    yield
 
 
 def test_vm_job_uploads_runs_and_downloads_on_the_lab_and_leaves_nothing(lab_cloud, tmp_path):
