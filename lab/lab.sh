@@ -87,7 +87,8 @@ install() {
   # sshd runs as root: the account must exist. No password ('*', not '!': sshd refuses a locked
   # account), home / (sessions get the guest's HOME; / only spares sshd a chdir warning), system uid.
   if ! getent passwd $GUEST_USER >/dev/null; then
-    useradd --system --no-create-home --home-dir / --shell /bin/sh -p '*' $GUEST_USER
+    local group=""; getent group $GUEST_USER >/dev/null && group="-g $GUEST_USER"   # useradd refuses to make it twice
+    useradd --system --no-create-home --home-dir / --shell /bin/sh -p '*' $group $GUEST_USER
     el "install: created login user $GUEST_USER for lab guests"
   fi
   el "install: done"
