@@ -17,8 +17,10 @@ case "${SLIPSTREAM_LAB_APPCRED_TRUSTS:-1}" in 0|false|no) APPCRED_TRUSTS=false ;
 mkdir -p $E/{keystone/fernet-keys,keystone/credential-keys,glance,placement,nova,neutron,cinder,heat,rabbitmq} \
          $LAB/data/{glance/images,glance/staging,glance/tasks,nova/instances,neutron,cinder,heat} $LAB/lock
 
-# the lab's own python bits (ML2 mechanism driver, cinder backend, fake virt driver), on PYTHONPATH
+# the lab's own python bits (ML2 mechanism driver, cinder backend, guest virt driver), on PYTHONPATH;
+# the guest driver runs the repo's own guest runtime (slipstream.cloud.local): linked, not copied
 rm -rf $LAB/pylib; cp -r "$HERE/pylib" $LAB/pylib
+ln -s "$(cd "$HERE/.." && pwd)/slipstream" $LAB/pylib/slipstream
 
 authtoken() { # $1 = service user
 cat <<EOT
@@ -124,7 +126,7 @@ auth_strategy = keystone
 EOT
 authtoken placement; } > $E/placement/placement.conf
 
-# ------------------------------------------------------------------ nova (fake virt driver)
+# ------------------------------------------------------------------ nova (guest virt driver)
 # nova-compute gets its own file without [database]/[api_database] (it must not have DB access).
 cp $X/usr/share/nova-common/api-paste.ini $E/nova/api-paste.ini
 nova_common() {
@@ -136,10 +138,15 @@ my_ip = 127.0.0.1
 host = lab-compute
 state_path = $LAB/data/nova
 instances_path = $LAB/data/nova/instances
-# nova's FakeDriver: no guest, no process (ACTIVE/SHUTOFF are bookkeeping). It reports one host of
-# 1000 vCPU / 800000 MiB / 600000 GB; the ratios make room for many Jetstream2-sized servers (max_unit
-# stays 800000 MiB: every seeded flavour but r3.xl fits on the host).
-compute_driver = fake.FakeDriver
+# pylib/labguest_driver.py (nova-compute runs as pylib/lab_nova_compute.py): nova's FakeDriver whose
+# servers on 127.x addresses boot a real guest (slipstream's LocalCloud guest runtime: process group,
+# sshd, user_data, console). It reports one host of 1000 vCPU / 800000 MiB / 600000 GB; the ratios
+# make room for many Jetstream2-sized servers (max_unit stays 800000 MiB: every seeded flavour but
+# r3.xl fits on the host).
+compute_driver = labguest.LabGuestDriver
+# a restarted nova-compute boots again the guests of servers that were running (the driver ends
+# them all when it stops, as a host shutdown would)
+resume_guests_state_on_host_boot = true
 cpu_allocation_ratio = 16.0
 ram_allocation_ratio = 4.0
 disk_allocation_ratio = 1.0

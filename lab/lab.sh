@@ -29,6 +29,7 @@ LOGS=$LAB/logs
 RUN=$LAB/run
 STATE=$LAB/state                 # marker files: first-start work already done
 SOCK=$LAB/mysqld/mysqld.sock
+GUEST_USER=ubuntu                # slipstream.jetstream2.login_user_for_image("Featured-Ubuntu24")
 PY=/usr/bin/python3              # Debian's python: the OpenStack packages live there (not pyenv's)
 TIMEOUT=${SLIPSTREAM_LAB_TIMEOUT:-600}
 # Every process the lab starts carries this variable in its environment (inherited by its children):
@@ -43,7 +44,7 @@ remaining() { local r=$((DEADLINE - SECONDS)); [ $r -gt 0 ] && echo $r || echo 1
 
 APT_PKGS="python3-keystone python3-nova python3-glance python3-placement python3-neutron python3-cinder
   python3-heat python3-pymysql python3-openstacksdk mariadb-server mariadb-client rabbitmq-server
-  uwsgi-core uwsgi-plugin-python3 procps util-linux"
+  uwsgi-core uwsgi-plugin-python3 procps util-linux openssh-server python3-yaml"
 # (service package : python library whose version it must match) - only unpacked, never installed,
 # so no postinst/debconf/init script runs; we take their /usr/bin launchers and api-paste files.
 SVC_DEBS="glance-common:python3-glance glance-api:python3-glance nova-common:python3-nova nova-api:python3-nova
@@ -81,6 +82,14 @@ install() {
     for d in $PKG/debs/*.deb; do dpkg-deb -x "$d" $PKG/root; done
     [ -x $B/nova-api ] || die "service launchers missing after unpacking"
     echo "$want" > $PKG/versions
+  fi
+  # Lab guests (pylib/labguest_driver.py) log in as the Featured images' default user, and their
+  # sshd runs as root: the account must exist. No password ('*', not '!': sshd refuses a locked
+  # account), home / (sessions get the guest's HOME; / only spares sshd a chdir warning), system uid.
+  if ! getent passwd $GUEST_USER >/dev/null; then
+    local group=""; getent group $GUEST_USER >/dev/null && group="-g $GUEST_USER"   # useradd refuses to make it twice
+    useradd --system --no-create-home --home-dir / --shell /bin/sh -p '*' $group $GUEST_USER
+    el "install: created login user $GUEST_USER for lab guests"
   fi
   el "install: done"
 }
@@ -312,7 +321,9 @@ up() {
   start cinder-volume PYTHONPATH=$LAB/pylib $B/cinder-volume --config-file $E/cinder/cinder.conf
   start heat-engine $B/heat-engine --config-file $E/heat/heat.conf
   wait_port placement 8778
-  start nova-compute $B/nova-compute --config-file $E/nova/nova-compute.conf   # needs placement
+  # needs placement. pylib/lab_nova_compute.py is nova-compute with the guest driver; $LAB/pylib also
+  # links the repo's slipstream package (the guest runtime)
+  start nova-compute PYTHONPATH=$LAB/pylib $PY $LAB/pylib/lab_nova_compute.py --config-file $E/nova/nova-compute.conf
   wait_port glance-api 9292; wait_port neutron-server 9696; wait_port nova-api 8774
   wait_port cinder-api 8776; wait_port heat-api 8004; el "all APIs listening"
   timeout $(($(remaining) + 30)) $PY "$HERE/wait_ready.py" $(remaining) || exit 1

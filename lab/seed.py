@@ -48,18 +48,22 @@ FLAVORS = {
 }
 IMAGES = {"Featured-Ubuntu24": "24.04", "Featured-Ubuntu22": "22.04"}
 PUBLIC_NET = "public"
+# Servers and floating IPs get loopback addresses: the lab's guests (pylib/labguest_driver.py) bind
+# them, so clients connect to exactly what Neutron reports. Neutron accepts 127/8 only without DHCP.
 PUBLIC_SUBNET = (
     "public-subnet",
-    "203.0.113.0/24",
-    "203.0.113.1",
-    "203.0.113.10",
-    "203.0.113.250",
-)  # RFC 5737
+    "127.81.0.0/16",
+    "127.81.0.1",
+    "127.81.0.10",
+    "127.81.255.250",
+)
+PROJECT_SUBNET = ("auto_allocated_subnet_v4", "127.80.0.0/16", "127.80.0.1")
 SUBNET_POOL = (
     "lab-default-v4",
     "198.51.100.0/24",
     26,
-)  # RFC 5737; source of auto_allocated_subnet_v4
+)  # RFC 5737, never bound: Neutron's auto-allocation (DHCP on) refuses a loopback pool, so it
+#    carves the project's first subnet here; use_loopback_subnet then replaces it by PROJECT_SUBNET
 DOMAIN = "access"
 PROJECT = "TRA160003"
 USER = "labuser@access-ci.org"
@@ -396,6 +400,32 @@ def ensure_topology(api: Api, project_id: str) -> dict:
     }
 
 
+def use_loopback_subnet(api: Api, project_id: str, network_id: str, router_id: str,
+                        subnet=PROJECT_SUBNET) -> dict | None:
+    """Give the project's network the loopback subnet (DHCP off) in place of the one
+    auto-allocation made. None, with a warning, when servers already use the old subnet (a lab
+    seeded before loopback ranges): those stay bookkeeping-only until `lab.sh reset`."""
+    name, cidr, gateway = subnet
+    subnets = api.get("network", f"/v2.0/subnets?network_id={network_id}")["subnets"]
+    for sub in subnets:
+        if sub["cidr"] == cidr:
+            return sub
+    ports = api.get("network", f"/v2.0/ports?network_id={network_id}")["ports"]
+    if any(not p["device_owner"].startswith("network:") for p in ports):
+        print(f"seed: WARNING: servers use {[s['cidr'] for s in subnets]} on network {network_id}: "
+              f"not replaced by {cidr}; their guests cannot boot (lab.sh reset seeds afresh)")
+        return None
+    for sub in subnets:
+        api.put("network", f"/v2.0/routers/{router_id}/remove_router_interface",
+                {"subnet_id": sub["id"]}, ok=(200, 404))
+        api.call("DELETE", "network", f"/v2.0/subnets/{sub['id']}", ok=(204, 404))
+    sub = api.post("network", "/v2.0/subnets", {"subnet": {
+        "name": name, "network_id": network_id, "project_id": project_id, "ip_version": 4,
+        "cidr": cidr, "gateway_ip": gateway, "enable_dhcp": False}})["subnet"]
+    api.put("network", f"/v2.0/routers/{router_id}/add_router_interface", {"subnet_id": sub["id"]})
+    return sub
+
+
 def set_quotas(api: Api, project_id: str) -> None:
     api.put("compute", f"/os-quota-sets/{project_id}", {"quota_set": NOVA_QUOTA})
     api.put("network", f"/v2.0/quotas/{project_id}", {"quota": NEUTRON_QUOTA})
@@ -458,6 +488,14 @@ def populate() -> None:
     net, sub = ensure_public_network(api)
     dom, proj, user = ensure_project(api)
     topo = ensure_topology(api, proj["id"])
+    sub_v4 = use_loopback_subnet(
+        api, proj["id"], topo["auto_allocated_network"], topo["auto_allocated_router"])
+    if sub_v4:
+        topo.update(auto_allocated_subnet_v4=sub_v4["id"],
+                    auto_allocated_subnet_v4_cidr=sub_v4["cidr"])
+    if not sub["cidr"].startswith("127."):
+        print(f"seed: WARNING: floating IPs come from {sub['cidr']} (seeded before loopback "
+              "ranges): they never reach a guest (lab.sh reset seeds afresh)")
     set_quotas(api, proj["id"])
     cred = ensure_app_credential(dom, proj, user)
     seed = {

@@ -4,9 +4,9 @@ Cloud `lab` from $SLIPSTREAM_LAB_HOME/clouds.yaml (application credential of the
 TRA160003, region IU), with the repo's openstacksdk (`lab.sh smoke` runs it with .venv/bin/python):
 flavours and images are there; a keypair; a server on auto_allocated_network, ACTIVE; a floating
 IP from `public` attached to it; a volume attached; a small Heat stack; then everything is deleted
-and the project is confirmed empty. Every wait has a deadline. Only 127.0.0.1 is contacted; the
-server and its addresses are database records (fake virt driver, no agents): nothing may connect
-to them.
+and the project is confirmed empty. Every wait has a deadline. Only 127.0.0.1 is contacted here;
+the server boots a guest on its 127.x address (pylib/labguest_driver.py), which the lab tests
+connect to (tests/integration/test_lab_guests.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The OpenStack lab from Python: a real, minimal OpenStack on this machine (``lab/lab.sh``).
 
-Debian's OpenStack (Keystone, Placement, Glance, Nova with the fake virt driver, Neutron without
-agents, Cinder without data, Heat) plus MariaDB and RabbitMQ, all on 127.0.0.1, seeded like
+Debian's OpenStack (Keystone, Placement, Glance, Nova whose servers boot LocalCloud's guest runtime on
+127.x addresses, Neutron without agents, Cinder without data, Heat) plus MariaDB and RabbitMQ, all on 127.0.0.1, seeded like
 Jetstream2: region ``IU``, the m3/r3/g3 flavours, Featured-Ubuntu24/22 images, the external network
 ``public``, project ``TRA160003`` (domain ``access``) with its auto-allocated network, quotas and an
 application credential. Needs root on Debian/Ubuntu (``lab/lab.sh install`` uses apt-get).

@@ -21,6 +21,10 @@ from slipstream.cloud.openstack import OpenStackCloud, connect
 LAB_CLOUD = lab.CLOUD
 LAB_ADMIN_CLOUD = lab.ADMIN_CLOUD
 NO_HOST_FLAVOR = "slipstream-test-nohost"
+# Where lab servers boot real guests (lab/pylib/labguest_driver.py): networks in 127.0.0.0/8.
+# Other loopback networks of the project can be named (e.g. beside a lab seeded before them).
+GUEST_NETWORK = os.environ.get("SLIPSTREAM_LAB_GUEST_NETWORK", "auto_allocated_network")
+GUEST_EXTERNAL_NETWORK = os.environ.get("SLIPSTREAM_LAB_GUEST_EXTERNAL_NETWORK", "public")
 
 
 def lab_clouds_yaml() -> Path:
@@ -51,6 +55,42 @@ def open_lab_cloud(cloud: str = LAB_CLOUD, **kwargs) -> OpenStackCloud:
     except CloudError as err:  # a lab that is up but refuses us is a real failure
         pytest.fail(f"the lab answered but connecting failed: {err}", pytrace=False)
     raise AssertionError("unreachable")
+
+
+def not_loopback(what: str) -> str:
+    return (f"lab {what}, not in 127.0.0.0/8: the lab was seeded before loopback ranges, and "
+            "nothing may connect to its documentation ranges. "
+            "Reseed it: lab/lab.sh reset && lab/lab.sh up")
+
+
+def require_loopback_guests(cloud: OpenStackCloud) -> None:
+    """Fail unless the guests' network is in 127.0.0.0/8 (its floating IPs are checked when
+    made: the external network's subnets are the admin's)."""
+    import ipaddress
+
+    net = cloud.conn.network.get_network(cloud._network_id(GUEST_NETWORK))
+    cidrs = [cloud.conn.network.get_subnet(s).cidr for s in net.subnet_ids]
+    loopback = ipaddress.ip_network("127.0.0.0/8")
+    if not cidrs or not all(ipaddress.ip_network(c).subnet_of(loopback) for c in cidrs):
+        pytest.fail(not_loopback(f"network {GUEST_NETWORK!r} has subnets {cidrs}"), pytrace=False)
+
+
+def guest_processes(server_id: str) -> list[str]:
+    """Command lines of running processes that belong to the server's guest: its guest process
+    and sshd name the guest's directory; sessions and user_data carry its id in their
+    environment."""
+    found = []
+    marker = f"SLIPSTREAM_SERVER_ID={server_id}".encode()
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            if entry.name.isdigit() and (
+                    server_id.encode() in cmdline
+                    or marker in (entry / "environ").read_bytes().split(b"\0")):
+                found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass  # gone meanwhile
+    return found
 
 
 # Fixtures are declared under other function names (``name=``) so that modules importing them

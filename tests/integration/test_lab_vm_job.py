@@ -1,111 +1,79 @@
-"""vm_job's provisioning story on the OpenStack lab, under Prefect's test harness.
+"""vm_job for real on the OpenStack lab, under Prefect's test harness.
 
-The same tasks ``slipstream.flows.vm_job.vm_job`` runs — register the run's keypair, provision one server,
-wait until it is ACTIVE, attach a floating IP from ``public`` — inside a flow, with a Lease on the
-lab cloud signed in with the project's non-admin application credential; then the lease ends and
-its teardown proof must be clean.
-
-The story stops before SSH: the lab's Nova runs the fake virt driver, so its "VMs" have no
-console, no network stack and no sshd. ``wait_for_ssh``, the upload, the remote command and the
-download are covered on the embedded local cloud by ``test_vm_job_flow.py``.
+The flow a researcher runs — ``slipstream.flows.vm_job.vm_job`` with a saved OpenStack
+Credentials block naming the lab's non-admin cloud — boots an m3.tiny whose guest
+(lab/pylib/labguest_driver.py) is reached over SSH through its floating IP with the host key
+checked against Nova's console log; the inputs go up, the script runs, the outputs come back, and
+the lease deletes the server, keypair and floating IP with a clean teardown proof. No process of
+the guest outlives the flow.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import sys
-import time
 import uuid
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
-from prefect import flow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "contract"))
 
-from openstack_lab import lab_cloud_fixture  # noqa: F401  (the fixture registers itself by import)
-
-from slipstream import ssh
-from slipstream.cloud.models import Keypair, Ownership, Server, ServerSpec, ServerStatus
-from slipstream.jetstream2 import DEFAULT_IMAGE
-from slipstream.ownership.lease import Lease, TeardownProof
-from slipstream.ownership.ledger import Ledger
-from slipstream.tasks.provision import attach_floating_ip, provision_servers, register_keypair, wait_until_active
+from openstack_lab import (  # noqa: F401  (lab_cloud_fixture registers the fixture by import)
+    GUEST_EXTERNAL_NETWORK,
+    LAB_CLOUD,
+    guest_processes,
+    lab_cloud_fixture,
+    lab_clouds_yaml,
+    not_loopback,
+    require_loopback_guests,
+)
 
 pytestmark = pytest.mark.lab
 
-BOOT_TIMEOUT = 300.0  # seconds: the deadline for ACTIVE (the fake driver takes a few)
-DELETE_TIMEOUT = 120.0  # seconds: the lease's deadline for servers to be gone
-FIP_SHOWN_TIMEOUT = 30.0  # seconds: deadline for Nova to show an associated floating IP
+LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def lab_and_prefect(lab_cloud, prefect_harness):
     # lab_cloud first: when the lab is down this skips (or fails under SLIPSTREAM_REQUIRE_LAB=1)
     # before a Prefect server is started for nothing.
+    require_loopback_guests(lab_cloud)
     yield
 
 
-@dataclass
-class Provisioned:
-    server: Server
-    attached_by_task: str | None  # what the attach-floating-ip task's returned server showed
-    neutron_fips: list[tuple[str, str | None]]  # (address, server id) Neutron has for the run
-    keypair: Keypair
-    keypairs_seen: list[str]
-    proof: TeardownProof
+def test_vm_job_uploads_runs_and_downloads_on_the_lab_and_leaves_nothing(lab_cloud, tmp_path):
+    from slipstream.blocks.openstack import OpenStackCredentials
+    from slipstream.flows.vm_job import vm_job
 
+    block = f"lab-vm-job-{uuid.uuid4().hex[:8]}"
+    OpenStackCredentials(cloud=LAB_CLOUD, clouds_yaml_path=str(lab_clouds_yaml()),
+                         external_network=GUEST_EXTERNAL_NETWORK).save(block)
+    numbers = tmp_path / "numbers.txt"
+    numbers.write_text("1 2 3 4\n")
+    script = tmp_path / "work.py"
+    script.write_text(
+        "import json, os\n"
+        "x = [float(v) for v in open('numbers.txt').read().split()]\n"
+        "json.dump({'sum': sum(x), 'user': os.environ['USER']}, open('out.json', 'w'))\n"
+        "print('summed', len(x), 'numbers')\n"
+    )
 
-@flow(name="lab-vm-job-provisioning", validate_parameters=False)
-def provision_on_lab(cloud: Any, run_id: str, ledger_path: str, image: str) -> Provisioned:
-    """vm_job's steps up to (not including) SSH, with the lease ended at the end of the flow."""
-    owner = Ownership.new("lab-vm-job", run_id=run_id, lease=timedelta(hours=1))
-    keypair = ssh.generate_keypair(comment=f"slipstream-{owner.run_id}")
-    lease = Lease(cloud, owner, ledger=Ledger(Path(ledger_path)), delete_timeout=DELETE_TIMEOUT)
-    with lease:
-        kp = register_keypair(lease, keypair.public_key)
-        keypairs_seen = [k.name for k in cloud.list_keypairs(run_id=owner.run_id)]
-        spec = ServerSpec("lab-vm-job", "m3.tiny", image, key_name=kp.name)
-        (server,) = wait_until_active(lease, provision_servers(lease, spec), timeout=BOOT_TIMEOUT)
-        server = attach_floating_ip(lease, server)
-        attached_by_task = server.floating_ip
-        neutron_fips = [(f.address, f.server_id) for f in cloud.list_floating_ips(run_id=owner.run_id)]
-        # Nova learns of the association from Neutron's network-changed event, asynchronously:
-        # the server the task read right after attaching may not show it yet.
-        deadline = time.monotonic() + FIP_SHOWN_TIMEOUT
-        while not server.floating_ip and time.monotonic() < deadline:
-            time.sleep(0.5)
-            server = cloud.get_server(server.id)
-    assert lease.proof is not None
-    return Provisioned(server, attached_by_task, neutron_fips, kp, keypairs_seen, lease.proof)
+    result = vm_job(flavor="m3.tiny", script=str(script), inputs=[str(numbers)],
+                    outputs=["out.json"], cloud=f"slipstream-openstack-credentials/{block}",
+                    results_dir=str(tmp_path / "results"), boot_timeout_seconds=300)
 
-
-def test_vm_job_provisioning_on_the_lab_leaves_nothing(lab_cloud, tmp_path):
-    images = [i.name for i in lab_cloud.list_images()]
-    image = DEFAULT_IMAGE if DEFAULT_IMAGE in images else min(images)
-    run_id = uuid.uuid4().hex  # keypairs are owned only under run ids slipstream makes
-
-    got = provision_on_lab(lab_cloud, run_id, str(tmp_path / "ledger.db"), image)
-
-    # the keypair was registered under the run's name and listed as the run's
-    assert got.keypair.name == Keypair.name_for_run(run_id)
-    assert got.keypairs_seen == [got.keypair.name]
-    # the server came up ACTIVE with the run's key and a floating IP Nova shows
-    assert got.server.status == ServerStatus.ACTIVE
-    assert got.server.name == "lab-vm-job"
-    assert got.server.key_name == got.keypair.name
-    assert got.neutron_fips == [(got.server.floating_ip, got.server.id)], got.neutron_fips
-    assert got.server.floating_ip, f"Nova showed no floating IP within {FIP_SHOWN_TIMEOUT} s: {got.server}"
-    assert got.server.floating_ip.startswith("203.0.113.")  # the lab's `public` range
-    assert got.server.reachable_address == got.server.floating_ip
-    deleted = {h.kind.value: h for h in got.proof.deleted}
+    assert result.exit_status == 0 and "summed 4 numbers" in result.stdout_tail
+    out = json.loads((tmp_path / "results" / "out.json").read_text())
+    assert out == {"sum": 10.0, "user": "ubuntu"}  # ran as the image's login user
+    deleted = {r.kind.value: r for r in result.resources}
     assert set(deleted) == {"server", "keypair", "floating_ip"}
-    assert deleted["floating_ip"].name == got.server.floating_ip
-    assert deleted["server"].id == got.server.id
-    # the teardown proof is clean, and the project agrees: nothing of the run remains
-    assert got.proof.clean and not got.proof.errors, got.proof.summary()
-    assert lab_cloud.list_servers(run_id=run_id) == []
-    assert lab_cloud.list_floating_ips(run_id=run_id) == []
-    assert lab_cloud.list_keypairs(run_id=run_id) == []
+    # it went through the floating IP, which is a loopback address of the lab's external network
+    assert ipaddress.ip_address(deleted["floating_ip"].name) in LOOPBACK, not_loopback(
+        f"floating IP {deleted['floating_ip'].name}")
+    assert result.teardown_clean and not any(result.teardown_remaining.values())
+    assert lab_cloud.list_servers(run_id=result.run_id) == []
+    assert lab_cloud.list_floating_ips(run_id=result.run_id) == []
+    assert lab_cloud.list_keypairs(run_id=result.run_id) == []
+    assert guest_processes(deleted["server"].id) == []

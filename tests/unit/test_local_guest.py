@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
+import random
 import socket
 import sys
 from pathlib import Path
@@ -111,6 +113,47 @@ packages: [htop]
     assert "'packages' is not supported" in console
 
 
+def mime_user_data(*parts: tuple[str, str]) -> str:
+    """A multipart user_data as ``cloud-init devel make-mime`` writes it."""
+    from email.mime.multipart import MIMEMultipart
+    from email.mime.text import MIMEText
+
+    message = MIMEMultipart()
+    for subtype, text in parts:
+        message.attach(MIMEText(text, subtype))
+    return message.as_string()
+
+
+def test_mime_multipart_user_data_runs_every_part_as_cloud_init_orders_them(local_cloud):
+    user_data = mime_user_data(
+        ("cloud-config", "#cloud-config\nwrite_files:\n  - path: /etc/order\n    content: |\n"
+                         "      files\nruncmd:\n  - echo runcmd >> $SLIPSTREAM_VM_DISK/etc/order\n"),
+        ("x-shellscript", "#!/bin/sh\necho script-1 >> $SLIPSTREAM_VM_DISK/etc/order\n"),
+        ("x-shellscript", "#!/bin/sh\necho script-2 >> $SLIPSTREAM_VM_DISK/etc/order\nexit 4\n"),
+    )
+    assert user_data.startswith("Content-Type: multipart/mixed")
+    server, _ = boot(local_cloud, ServerSpec("mime", "m3.tiny", NOOP, user_data=user_data))
+    # write_files first, then the scripts in order, then runcmd (part-NNN sorts before runcmd)
+    assert (disk(local_cloud, server) / "etc/order").read_text().split() == [
+        "files", "script-1", "script-2", "runcmd"]
+    assert "user_data script part-002 exited with status 4" in local_cloud.console_log(server.id)
+
+
+def test_the_config_drive_has_nova_metadata_and_network_data(local_cloud):
+    keypair = ssh.generate_keypair(comment="drive")
+    local_cloud.create_keypair("drive-key", keypair.public_key)
+    spec = ServerSpec("drive", "m3.tiny", NOOP, key_name="drive-key", user_data="#!/bin/sh\ntrue\n")
+    server, who = boot(local_cloud, spec)
+    drive = disk(local_cloud, server) / "mnt/config/openstack/latest"
+    meta = json.loads((drive / "meta_data.json").read_text())
+    assert (meta["uuid"], meta["name"], meta["hostname"]) == (server.id, "drive", "drive")
+    assert meta["public_keys"] == {"drive-key": keypair.public_key}
+    assert meta["meta"] == server.metadata and meta["meta"]  # the ownership metadata, as Nova's
+    network = json.loads((drive / "network_data.json").read_text())
+    assert [n["ip_address"] for n in network["networks"]] == [server.address]
+    assert (drive / "user_data").read_text() == spec.user_data
+
+
 def test_user_data_runs_once_per_instance_and_per_boot_scripts_at_every_boot(local_cloud):
     # As with cloud-init, a per-boot script written by user_data runs from the next boot on.
     user_data = """#!/bin/sh
@@ -174,6 +217,28 @@ def test_a_featured_vm_runs_sshd_on_its_address_and_prints_its_host_keys(local_c
     wait_for_servers(local_cloud, who.run_id, [server.id], timeout=20, poll_interval=0.05)
     wait_until(lambda: local_cloud.console_log(server.id).count(FINISHED) == 2, what="second boot")
     assert ssh.host_keys_from_console(local_cloud.console_log(server.id)) == fingerprints
+
+
+def test_a_wildcard_listener_on_the_ssh_port_is_named_on_the_console(tmp_path):
+    """A host sshd on 0.0.0.0:22 keeps every guest from port 22 (Linux lets no socket share a
+    listening wildcard's port): the console says so instead of a bare "did not start"."""
+    from slipstream.cloud.local import LocalCloud, LocalCloudOptions
+
+    with socket.socket() as blocker:
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        blocker.bind(("0.0.0.0", 0))  # a free port, on every address, as a host sshd's 22
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        cloud = LocalCloud(options=LocalCloudOptions(
+            home=tmp_path / "localcloud", boot_delay=0.05, stop_grace=1.0, ssh_port=port,
+            network=f"127.64.{random.randint(100, 249)}.0/24"))
+        try:
+            server, _ = boot(cloud, ServerSpec("blocked", "m3.tiny", "Featured-Ubuntu24"))
+            console = cloud.console_log(server.id)
+        finally:
+            cloud.reset()
+    assert f"sshd did not start listening on {server.address}:{port}" in console
+    assert f"a process listens on 0.0.0.0:{port}" in console and "ListenAddress" in console
 
 
 def test_the_noop_image_runs_no_sshd(local_cloud):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import signal
 import sys
 import time
@@ -211,6 +212,8 @@ class Guest:
         except (RuntimeError, ValueError, OSError) as err:
             say(f"sshd could not be set up: {err}")
             return
+        if os.geteuid() == 0 and m["ssh_user"] != "root":
+            self.hand_over(m["ssh_user"], [self.home, self.vm_dir / "sshd" / "authorized_keys"])
         log = open(self.vm_dir / "sshd.log", "ab")  # noqa: SIM115 - sshd keeps it open
         self.sshd = await asyncio.create_subprocess_exec(
             *setup.command, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=self.env())
@@ -218,15 +221,32 @@ class Guest:
         deadline = time.monotonic() + 10.0
         while not listens(self.sshd.pid, m["address"], m["ssh_port"]):
             if self.sshd.returncode is not None or time.monotonic() > deadline:
-                taken = (m["address"], m["ssh_port"]) in tcp_listeners()
+                listeners = tcp_listeners()
+                taken = (m["address"], m["ssh_port"]) in listeners
+                wildcard = ("0.0.0.0", m["ssh_port"]) in listeners
                 say(f"sshd did not start listening on {m['address']}:{m['ssh_port']}"
                     + (": another process holds that address and port" if taken else "")
+                    + (f": a process listens on 0.0.0.0:{m['ssh_port']} (the host's sshd?), which "
+                       "Linux lets no other socket share; make it listen on its own addresses "
+                       "(sshd_config ListenAddress)" if wildcard and not taken else "")
                     + f" (see {self.vm_dir / 'sshd.log'})")
                 return
             await asyncio.sleep(0.02)
         # Printed once sshd accepts connections: the banner means "you can connect now".
         sys.stdout.write(setup.console_banner)
         sys.stdout.flush()
+
+    def hand_over(self, user: str, paths: list[Path]) -> None:
+        """The login user owns its home and reads its authorized_keys (sshd reads them as that
+        user), as on an image whose default user is not root: the lab's guests run as root."""
+        try:
+            account = pwd.getpwnam(user)
+        except KeyError:
+            say(f"login user {user!r} does not exist on this host: sshd will refuse it "
+                f"(create it with: useradd --system --home-dir / -p '*' --shell /bin/sh {user})")
+            return
+        for path in paths:
+            os.chown(path, account.pw_uid, account.pw_gid)
 
     async def watch(self) -> None:
         """Follow meta.json (floating IP changes) and end the VM when its directory is gone."""

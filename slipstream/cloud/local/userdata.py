@@ -1,6 +1,6 @@
 """Running a LocalCloud VM's user_data, as cloud-init would on a Jetstream2 VM.
 
-Two forms are understood, the two slipstream uses:
+Three forms are understood, as cloud-init reads them:
 
 - a script starting with ``#!``: written to ``<disk>/var/lib/cloud/instance/scripts/part-001``
   and executed;
@@ -8,7 +8,11 @@ Two forms are understood, the two slipstream uses:
   ``encoding`` b64/base64/gzip/gz+b64, ``append``) and ``runcmd`` (a string runs with
   ``sh -c``, a list is executed as is). Absolute paths are mapped under the VM's disk
   (``/etc/x`` -> ``<disk>/etc/x``): nothing outside the disk is ever written. Other keys are
-  reported on the console and ignored.
+  reported on the console and ignored;
+- a MIME multipart message (``Content-Type: multipart/...``, as ``cloud-init devel make-mime``
+  writes) of ``text/x-shellscript`` and ``text/cloud-config`` parts: every part's write_files
+  first, then the scripts in order, then the runcmds in order (cloud-init's scripts-user runs
+  ``part-NNN`` before ``runcmd``).
 
 Everything runs with cwd ``<disk>/home``, ``HOME`` set to it, and output going to the VM's
 console log. Each command's failure is reported and the rest still run (cloud-init does too).
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email
 import gzip
 import os
 import posixpath
@@ -36,13 +41,33 @@ class UserDataError(ValueError):
     """The user_data cannot be understood (bad YAML, a write_files path outside the disk...)."""
 
 
+MIME_PART_KINDS = {"text/x-shellscript": "script", "text/cloud-config": "cloud-config"}
+
+
 def kind_of(user_data: str) -> str:
-    """"script", "cloud-config" or "unknown"."""
+    """"script", "cloud-config", "multipart" or "unknown"."""
     if user_data.startswith("#!"):
         return "script"
     if user_data.startswith("#cloud-config"):
         return "cloud-config"
+    head = user_data.lstrip()[:40].lower()
+    if head.startswith(("content-type: multipart/", "mime-version:")):
+        return "multipart"
     return "unknown"
+
+
+def mime_parts(user_data: str) -> list[tuple[str, str]]:
+    """(kind, text) of each part of a MIME multipart user_data, in order; a part of another
+    content type is classified by its first line, as cloud-init does for text/plain."""
+    parts = []
+    for part in email.message_from_string(user_data).walk():
+        if part.is_multipart():
+            continue
+        raw = part.get_payload(decode=True) or b""
+        text = raw.decode(part.get_content_charset() or "utf-8", "replace")
+        kind = MIME_PART_KINDS.get(part.get_content_type()) or kind_of(text)
+        parts.append((kind, text))
+    return parts
 
 
 def disk_path(disk: Path, path: str) -> Path:
@@ -123,45 +148,65 @@ async def _run(argv: list[str], cwd: Path, env: Mapping[str, str]) -> int:
 
 async def run_user_data(user_data: str, disk: Path, env: Mapping[str, str], say: Say) -> int:
     """Run ``user_data`` on the VM whose disk is ``disk``; returns how many steps failed."""
-    home = disk / "home"
     kind = kind_of(user_data)
-    if kind == "script":
-        scripts = disk / "var/lib/cloud/instance/scripts"
-        scripts.mkdir(parents=True, exist_ok=True)
-        script = scripts / "part-001"
-        with os.fdopen(os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700), "w") as f:
-            f.write(user_data)  # owner only from the first byte: it may hold a key
-        code = await _run([str(script)], home, env)
-        if code != 0:
-            say(f"user_data script exited with status {code}")
-        return int(code != 0)
     if kind == "unknown":
-        say("user_data is neither a '#!' script nor '#cloud-config': ignored")
+        say("user_data is neither a '#!' script, '#cloud-config' nor MIME multipart: ignored")
         return 0
-    try:
-        import yaml  # only cloud-config needs it; a guest without PyYAML still runs scripts
-    except ImportError:
-        say("cloud-config needs PyYAML, which the Python running this VM lacks: ignored")
-        return 1
-    try:
-        config = yaml.safe_load(user_data) or {}
-        if not isinstance(config, dict):
-            raise UserDataError("#cloud-config must be a mapping")
-        for key in sorted(set(config) - {"write_files", "runcmd"}):
-            say(f"cloud-config key {key!r} is not supported by LocalCloud: ignored")
-        if "write_files" in config:
-            write_files(disk, config["write_files"], say)
-        argvs = commands(config.get("runcmd"))
-    except (yaml.YAMLError, UserDataError, ValueError, OSError) as err:
-        say(f"cloud-config failed: {err}")
-        return 1
-    failed = 0
+    parts = mime_parts(user_data) if kind == "multipart" else [(kind, user_data)]
+    failed, scripts, argvs = 0, [], []
+    for part_kind, text in parts:
+        if part_kind == "script":
+            scripts.append(text)
+        elif part_kind == "cloud-config":
+            found = _cloud_config(text, disk, say)
+            if found is None:
+                failed += 1
+            else:
+                argvs += found
+        else:
+            say("a user_data part is neither a '#!' script nor '#cloud-config': ignored")
+    home = disk / "home"
+    for number, text in enumerate(scripts, start=1):
+        code = await _run_script(text, number, disk, env)
+        if code != 0:
+            say(f"user_data script part-{number:03d} exited with status {code}")
+            failed += 1
     for i, argv in enumerate(argvs):
         code = await _run(argv, home, env)
         if code != 0:
             say(f"runcmd[{i}] exited with status {code}")
             failed += 1
     return failed
+
+
+async def _run_script(text: str, number: int, disk: Path, env: Mapping[str, str]) -> int:
+    scripts = disk / "var/lib/cloud/instance/scripts"
+    scripts.mkdir(parents=True, exist_ok=True)
+    script = scripts / f"part-{number:03d}"
+    with os.fdopen(os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700), "w") as f:
+        f.write(text)  # owner only from the first byte: it may hold a key
+    return await _run([str(script)], disk / "home", env)
+
+
+def _cloud_config(text: str, disk: Path, say: Say) -> list[list[str]] | None:
+    """Write a #cloud-config's files now; returns its runcmd (None when it failed)."""
+    try:
+        import yaml  # only cloud-config needs it; a guest without PyYAML still runs scripts
+    except ImportError:
+        say("cloud-config needs PyYAML, which the Python running this VM lacks: ignored")
+        return None
+    try:
+        config = yaml.safe_load(text) or {}
+        if not isinstance(config, dict):
+            raise UserDataError("#cloud-config must be a mapping")
+        for key in sorted(set(config) - {"write_files", "runcmd"}):
+            say(f"cloud-config key {key!r} is not supported by LocalCloud: ignored")
+        if "write_files" in config:
+            write_files(disk, config["write_files"], say)
+        return commands(config.get("runcmd"))
+    except (yaml.YAMLError, UserDataError, ValueError, OSError) as err:
+        say(f"cloud-config failed: {err}")
+        return None
 
 
 PER_BOOT = "var/lib/cloud/scripts/per-boot"
