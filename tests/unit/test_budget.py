@@ -124,9 +124,11 @@ def test_a_mixed_plan_sums_per_resource():
     assert "shorten max_hours to 1.96 or less" in verdict.advice
 
 
-def test_a_zero_or_negative_budget_is_bad_input():
+@pytest.mark.parametrize("budget", [0, -1, float("nan")])
+def test_a_zero_negative_or_nan_budget_is_bad_input(budget):
+    # nan passed `<= 0`: no worst case is "over" it and no spend reaches it, so it was no budget.
     with pytest.raises(InvalidRequest, match="budget_su must be positive"):
-        check_plan(plan("m3.tiny"), run_budget_su=0)
+        check_plan(plan("m3.tiny"), run_budget_su=budget)
 
 
 # plan builders --------------------------------------------------------------------------------
