@@ -15,7 +15,8 @@ Guarantees:
   :class:`~slipstream.ownership.ledger.Ledger` *before* that call is sent;
 - on leaving the block — success, exception, ``KeyboardInterrupt``, cancellation — everything
   the run owns on the cloud (what this lease created, and anything else tagged with its run id)
-  is deleted in dependency order (floating IPs, servers, volumes, keypairs), each delete retried
+  is deleted in dependency order (floating IPs, servers, volumes, keypairs) — the servers this
+  lease holds first of all, since they charge the run — each delete retried
   on transient errors (a volume Cinder is still busy with — creating, detaching — until
   ``delete_timeout``; one already ``deleting`` waited for with the rest; one ``error_deleting``
   reported at once, since only an admin can reset it), "already gone" counted as done, and
