@@ -167,7 +167,8 @@ def vm_job(
             boot_by = schedule.deadline("boot")  # one deadline: boot, address and SSH
             registered = register_keypair(lease, keypair.public_key)
             spec = replace(plan.spec, key_name=registered.name)
-            (server,) = wait_until_active(lease, provision_servers(lease, spec), deadline=schedule.wall_clock(boot_by))
+            (server,) = wait_until_active(lease, provision_servers(lease, spec, deadline=schedule.wall_clock(boot_by)),
+                                          deadline=schedule.wall_clock(boot_by))
             server = attach_floating_ip(lease, server, deadline=schedule.wall_clock(boot_by))
             target = wait_for_ssh(provider, server, keypair, timeout=schedule.seconds_left(boot_by))
             progress.report("work", 0, 3, "uploading inputs")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slipstream.cost.accounting import PlannedServers, estimate
-from slipstream.cost.planning import TEARDOWN_ALLOWANCE_SECONDS, check_seconds, vm_job_overhead_hours
+from slipstream.cost.planning import TEARDOWN_ALLOWANCE_SECONDS, check_hours, check_seconds, vm_job_overhead_hours
 from slipstream.cloud.errors import InvalidRequest
 from slipstream.cloud.models import Flavor, Image, ServerSpec, check_name
 from slipstream.cloud.port import CloudProvider
@@ -258,8 +258,7 @@ def plan_vm_job(
     check_name(name, "job name")
     if not isinstance(count, int) or count < 1:
         raise InvalidRequest(f"count must be a positive whole number, got {count!r}", hint="Ask for at least 1 server.")
-    if not max_hours or max_hours <= 0:
-        raise InvalidRequest(f"max_hours must be positive, got {max_hours!r}", hint="Give the job's longest plausible walltime in hours.")
+    check_hours(max_hours)
     flavors = {f.name: f for f in cloud.list_flavors()}
     _choose("flavour", flavor, list(flavors), cloud.name)
     images = {i.name: i for i in cloud.list_images()}

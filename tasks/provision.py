@@ -7,6 +7,7 @@ import time
 from prefect import get_run_logger, task
 
 from slipstream import progress
+from slipstream.cloud.errors import WaitTimeout
 from slipstream.cloud.models import FloatingIP, Keypair, Server, ServerSpec, ServerStatus
 from slipstream.cloud.waiting import wait_for_floating_ip, wait_for_servers
 from slipstream.ownership.lease import Lease
@@ -20,9 +21,15 @@ def register_keypair(lease: Lease, public_key: str) -> Keypair:
 
 
 @task(name="provision-servers", **CLOUD_TASK_OPTIONS)
-def provision_servers(lease: Lease, spec: ServerSpec) -> list[Server]:
-    """Create ``spec.count`` servers in one request (retries adopt, never duplicate)."""
+def provision_servers(lease: Lease, spec: ServerSpec, deadline: float | None = None) -> list[Server]:
+    """Create ``spec.count`` servers in one request (retries adopt, never duplicate). With
+    ``deadline`` (epoch seconds, the end of the boot phase) none is created once it has passed:
+    a server that cannot be waited for would only be charged until its teardown."""
     logger = get_run_logger()
+    if deadline is not None and _until(deadline, 0.0) <= 0:
+        raise WaitTimeout(f"no time left to create {spec.count} x {spec.flavor}: the boot deadline "
+                          "passed before the create call (the cloud API was slow or refused it)",
+                          cloud=lease.cloud.name, hint="Raise boot_timeout_seconds, or try again later.")
     servers = lease.create_servers(spec)
     logger.info("requested %d x %s (%s) on %s: %s", spec.count, spec.flavor, spec.image,
                 lease.cloud.name, ", ".join(s.name for s in servers))

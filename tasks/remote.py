@@ -51,6 +51,12 @@ def wait_for_ssh(cloud: CloudProvider, server: Server, keypair: ssh.SshKeypair, 
     return ready
 
 
+def in_time(task, task_run, state) -> bool:
+    """retry_condition_fn: retry a transfer after connection trouble, never after it ran out of
+    its deadline (a retry then only waits its delay past it and fails with "no time left")."""
+    return not isinstance(state.result(raise_on_failure=False), ssh.SshTimeout)
+
+
 def _left(deadline: float, what: str) -> float:
     left = deadline - time.time()
     if left <= 0:
@@ -58,7 +64,7 @@ def _left(deadline: float, what: str) -> float:
     return left
 
 
-@task(name="upload-inputs", retries=2, retry_delay_seconds=3, cache_policy=NONE)
+@task(name="upload-inputs", retries=2, retry_delay_seconds=3, retry_condition_fn=in_time, cache_policy=NONE)
 def upload_inputs(target: ssh.SshTarget, paths: list[Path], remote_dir: str, deadline: float) -> None:
     """Copy ``paths`` into ``remote_dir``; retries share one ``deadline`` (epoch seconds)."""
     ssh.run_command(target, f"mkdir -p {remote_dir}", timeout=min(60, _left(deadline, "the upload")))
@@ -137,7 +143,7 @@ def _secret_values(names: dict[str, str]) -> dict[str, str]:
     return values
 
 
-@task(name="download-outputs", retries=1, retry_delay_seconds=3, cache_policy=NONE)
+@task(name="download-outputs", retries=1, retry_delay_seconds=3, retry_condition_fn=in_time, cache_policy=NONE)
 def download_outputs(target: ssh.SshTarget, outputs: list[str], remote_dir: str, local_dir: Path,
                      deadline: float) -> FetchedOutputs:
     """Fetch every output that exists (relative paths kept) and name the missing and refused ones.

@@ -231,7 +231,7 @@ def check_plan(
     means the allocation has no access to it (Jetstream2: "having access to one does NOT include
     access to all"), which refuses the plan.
     """
-    if run_budget_su is not None and run_budget_su <= 0:
+    if run_budget_su is not None and not run_budget_su > 0:  # also nan, which every comparison passes
         raise InvalidRequest(
             f"budget_su must be positive, got {run_budget_su!r}",
             hint="Give the SUs this run may spend, or leave it empty.",

@@ -145,10 +145,12 @@ def _close(word: str, names: Iterable[str]) -> str:
     return f" Did you mean {', '.join(close)}?" if close else ""
 
 
-def _check_hours(max_hours: float) -> float:
-    if max_hours <= 0:
+def check_hours(max_hours: float) -> float:
+    """A job's ``max_hours``: positive and finite (``nan`` would price "nan SU", which no budget
+    refuses, and ``inf`` would be no deadline at all)."""
+    if isinstance(max_hours, bool) or not isinstance(max_hours, (int, float)) or not 0 < max_hours < float("inf"):
         raise InvalidRequest(
-            f"max_hours must be positive, got {max_hours!r}",
+            f"max_hours must be positive and finite, got {max_hours!r}",
             hint="Give the job's longest plausible walltime in hours.",
         )
     return max_hours
@@ -190,19 +192,19 @@ def vm_job_plan(flavor: str = "m3.small", max_hours: float = 1.0, boot_timeout_s
                 teardown_timeout_seconds: float = TEARDOWN_ALLOWANCE_SECONDS) -> list[PlannedServers]:
     """vm_job: one server of ``flavor`` for at most ``max_hours`` of work, plus boot, transfers
     and teardown."""
-    return [PlannedServers(flavor_named(flavor), 1, _check_hours(max_hours),
+    return [PlannedServers(flavor_named(flavor), 1, check_hours(max_hours),
                            vm_job_overhead_hours(boot_timeout_seconds, transfer_timeout_seconds,
                                                  teardown_timeout_seconds))]
 
 
 def gpu_job_plan(flavor: str = "g3.medium", max_hours: float = 1.0) -> list[PlannedServers]:
     """gpu_job: one A100 vGPU server (g3.*)."""
-    return [PlannedServers(flavor_named(flavor, ["g3"]), 1, _check_hours(max_hours), vm_job_overhead_hours())]
+    return [PlannedServers(flavor_named(flavor, ["g3"]), 1, check_hours(max_hours), vm_job_overhead_hours())]
 
 
 def large_memory_job_plan(flavor: str = "r3.large", max_hours: float = 1.0) -> list[PlannedServers]:
     """large_memory_job: one large-memory server (r3.*)."""
-    return [PlannedServers(flavor_named(flavor, ["r3"]), 1, _check_hours(max_hours), vm_job_overhead_hours())]
+    return [PlannedServers(flavor_named(flavor, ["r3"]), 1, check_hours(max_hours), vm_job_overhead_hours())]
 
 
 register_plan("vm-job", vm_job_plan, ignores=VM_JOB_IGNORES)

@@ -56,7 +56,7 @@ class BudgetWatchdog:
         on_exhausted: ExhaustedCallback | None = None,
         max_seconds: float = 7 * 24 * 3600.0,
     ) -> None:
-        if budget_su <= 0:
+        if not budget_su > 0:  # also nan, which no spend would ever reach
             raise ValueError(f"budget_su must be positive, got {budget_su!r}")
         if interval <= 0:
             raise ValueError(f"interval must be positive, got {interval!r}")

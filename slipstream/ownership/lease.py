@@ -15,7 +15,8 @@ Guarantees:
   :class:`~slipstream.ownership.ledger.Ledger` *before* that call is sent;
 - on leaving the block — success, exception, ``KeyboardInterrupt``, cancellation — everything
   the run owns on the cloud (what this lease created, and anything else tagged with its run id)
-  is deleted in dependency order (floating IPs, servers, volumes, keypairs), each delete retried
+  is deleted in dependency order (floating IPs, servers, volumes, keypairs) — the servers this
+  lease holds first of all, since they charge the run — each delete retried
   on transient errors (a volume Cinder is still busy with — creating, detaching — until
   ``delete_timeout``; one already ``deleting`` waited for with the rest; one ``error_deleting``
   reported at once, since only an admin can reset it), "already gone" counted as done, and
@@ -71,6 +72,8 @@ class ResourceKind(StrEnum):
 
 #: Dependency order for deletion: addresses before the servers they point at, servers before the
 #: volumes attached to them, keypairs last (they cost nothing and help debugging until the end).
+#: The servers a Lease holds go first of all (they charge the run; Neutron frees an address whose
+#: server is deleted), so nothing spends the teardown deadline before their deletes are sent.
 TEARDOWN_ORDER = (ResourceKind.FLOATING_IP, ResourceKind.SERVER, ResourceKind.VOLUME, ResourceKind.KEYPAIR)
 #: Seconds between deletes of a volume Cinder is still busy with (creating, detaching) or of
 #: anything while the cloud answers 503/429 without saying how long to wait.
@@ -269,8 +272,11 @@ class Lease:
         """Delete everything the run owns, in dependency order, and prove it. Safe to call twice."""
         errors: list[str] = []
         deleted: list[HeldResource] = []
-        held_by_id = {(h.kind, h.id): h for h in self.held}
         deadline = self.teardown_deadline()  # one for every delete and wait: an outage costs it once
+        # The servers are what charges the run and the lease knows them: their deletes go out
+        # first, before a slow listing or another delete riding out 503s can spend the deadline.
+        held_servers = {h.id: h.name for h in self.held if h.kind == ResourceKind.SERVER}
+        sent = self._delete_each(ResourceKind.SERVER, held_servers, deadline, errors, deleted)
         try:
             found = self.owned_now()
         except CloudError as err:  # listing failed: still delete what we know we hold
@@ -278,15 +284,11 @@ class Lease:
             found = {k: [] for k in TEARDOWN_ORDER}
         for kind in TEARDOWN_ORDER:
             targets = {h.id: h.name for h in self.held if h.kind == kind} | dict(found.get(kind, []))
-            accepted: set[str] = set()
-            for res_id, name in targets.items():
-                try:
-                    self._delete(kind, res_id, deadline)
-                    accepted.add(res_id)
-                    deleted.append(held_by_id.get((kind, res_id), HeldResource(kind, res_id, name)))
-                except CloudError as err:
-                    errors.append(f"deleting {kind} {name or res_id} failed: {err} "
-                                  "(run `slipstream reap --yes` later; the reaper will retry)")
+            if kind == ResourceKind.SERVER:
+                targets = {res_id: name for res_id, name in targets.items() if res_id not in held_servers}
+            accepted = self._delete_each(kind, targets, deadline, errors, deleted)
+            if kind == ResourceKind.SERVER:
+                accepted |= sent
             if kind == ResourceKind.SERVER and accepted:
                 try:  # only servers whose delete was accepted can vanish: waiting on others is futile
                     self._wait_servers_gone(accepted, deadline)
@@ -306,6 +308,21 @@ class Lease:
         self.proof = TeardownProof(self.owner.run_id, self.cloud.name, deleted, remaining, errors)
         (log.info if self.proof.clean else log.error)(self.proof.summary())
         return self.proof
+
+    def _delete_each(self, kind: ResourceKind, targets: dict[str, str], deadline: float, errors: list[str],
+                     deleted: list[HeldResource]) -> set[str]:
+        """Delete every one of ``targets`` (id -> name); the ids whose delete the cloud accepted."""
+        held_by_id = {h.id: h for h in self.held if h.kind == kind}
+        accepted: set[str] = set()
+        for res_id, name in targets.items():
+            try:
+                self._delete(kind, res_id, deadline)
+                accepted.add(res_id)
+                deleted.append(held_by_id.get(res_id, HeldResource(kind, res_id, name)))
+            except CloudError as err:
+                errors.append(f"deleting {kind} {name or res_id} failed: {err} "
+                              "(run `slipstream reap --yes` later; the reaper will retry)")
+        return accepted
 
     def _delete(self, kind: ResourceKind, res_id: str, deadline: float | None = None) -> None:
         """Delete one resource, riding out transient errors (and a volume Cinder is busy with)

@@ -66,3 +66,18 @@ def test_a_teardown_that_runs_out_of_time_names_what_is_left_and_who_deletes_it(
     # What is left is the run's own, tagged: the reaper (here: its teardown) finds and deletes it.
     assert teardown_run(cloud_env, server.ownership.run_id).clean
     assert cloud_env.list_servers() == [] and cloud_env.list_floating_ips() == []
+
+
+def test_no_server_is_created_once_the_boot_deadline_has_passed(cloud_env):
+    from slipstream.flows.vm_job import vm_job
+
+    _faults(cloud_env, fail_next={"create_keypair": 2})  # 503s: the keypair's two retries take 5 s
+    try:
+        state = vm_job(flavor="m3.tiny", command="true", boot_timeout_seconds=2, return_state=True)
+    finally:
+        _faults(cloud_env)
+    with pytest.raises(Exception, match="boot_timeout_seconds") as err:
+        state.result()
+    # Before: the server was created after its boot deadline, only to be deleted at once.
+    assert cloud_env.server_history() == [], err.value
+    assert "no time left" in str(err.value)

@@ -124,9 +124,11 @@ def test_a_mixed_plan_sums_per_resource():
     assert "shorten max_hours to 1.96 or less" in verdict.advice
 
 
-def test_a_zero_or_negative_budget_is_bad_input():
+@pytest.mark.parametrize("budget", [0, -1, float("nan")])
+def test_a_zero_negative_or_nan_budget_is_bad_input(budget):
+    # nan passed `<= 0`: no worst case is "over" it and no spend reaches it, so it was no budget.
     with pytest.raises(InvalidRequest, match="budget_su must be positive"):
-        check_plan(plan("m3.tiny"), run_budget_su=0)
+        check_plan(plan("m3.tiny"), run_budget_su=budget)
 
 
 # plan builders --------------------------------------------------------------------------------
@@ -146,6 +148,9 @@ def test_builders_convert_key_value_strings_by_type_and_skip_cost_free_flow_para
         ("vm-job", {"flavr": "m3.tiny"}, r"vm-job has no parameter 'flavr'.*Valid parameters: flavor, max_hours.*Did you mean flavor"),
         ("vm-job", {"max_hours": "four"}, r"max_hours='four' is not a number"),
         ("large-memory-job", {"max_hours": "0"}, r"max_hours must be positive"),
+        # float() takes these: a worst case of nan or inf SU prices nothing and bounds nothing.
+        ("vm-job", {"max_hours": "nan"}, r"max_hours must be positive and finite, got nan"),
+        ("gpu-job", {"max_hours": "inf"}, r"max_hours must be positive and finite, got inf"),
     ],
 )
 def test_unknown_flows_flavours_and_parameters_name_what_is_valid(flow, params, message):
@@ -274,3 +279,13 @@ def test_time_lost_between_phases_comes_out_of_the_next_phase_not_the_bill():
     assert upload_by == pytest.approx(schedule.started + 15)  # 3 s left of its 5, not 5
     # A phase that starts with time to spare gets its whole allowance, no more.
     assert schedule.deadline("work") - time.monotonic() == pytest.approx(60, abs=1)
+
+
+@pytest.mark.parametrize("max_hours", [float("nan"), float("inf")])
+def test_a_vm_job_without_a_finite_max_hours_is_refused_before_anything_is_created(local_cloud, max_hours):
+    from slipstream.vmjob import plan_vm_job
+
+    # Before: nan passed `<= 0` and priced "nan SU", which no budget refuses; inf meant no deadline.
+    with pytest.raises(InvalidRequest, match=r"max_hours must be positive and finite, got (nan|inf)"):
+        plan_vm_job(local_cloud, name="job", flavor="m3.tiny", image="slipstream-noop", command="true",
+                    max_hours=max_hours)

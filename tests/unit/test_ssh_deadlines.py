@@ -9,6 +9,7 @@ loop's lateness under load — far below the connect time the calls used to add 
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -160,3 +161,23 @@ def test_a_secret_write_never_outlives_the_commands_deadline(make_vm):
     assert done.wait(3 + LATENESS), "the secret write is still hanging past the command's deadline"
     assert time.monotonic() - started <= 3 + LATENESS
     assert "secret environment file" in str(outcome.get("error"))
+
+
+@pytest.mark.parametrize("phase", ["upload", "download"])
+def test_a_transfer_that_ran_out_of_its_deadline_is_not_retried_past_it(make_vm, prefect_harness, tmp_path, phase):
+    from slipstream.tasks.remote import download_outputs, upload_inputs
+
+    vm = make_vm(start=False)
+    _sftp_never_answers(vm)
+    vm.start()
+    (tmp_path / "input.txt").write_text("x")
+    deadline = time.time() + 3
+    call = {"upload": lambda: upload_inputs(vm.target(), [tmp_path / "input.txt"], "job", deadline=deadline),
+            "download": lambda: download_outputs(vm.target(), ["out.txt"], "job", tmp_path / "results",
+                                                 deadline=deadline)}[phase]
+    with pytest.raises(ssh.SshTimeout) as err:
+        call()
+    # Before: Prefect retried after 3 s (twice for an upload) only to fail with "no time left",
+    # which hid why, and spent those seconds of the run's schedule past the phase's deadline.
+    assert re.search(r"took over [0-3] s", str(err.value)) and "no time left" not in str(err.value)
+    assert time.time() <= deadline + LATENESS

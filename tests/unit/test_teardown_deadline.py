@@ -59,3 +59,24 @@ def test_a_run_schedule_ends_teardown_where_the_worst_case_says(local_cloud, tmp
     assert proof.remaining["server"] == ["w"]
     assert "teardown INCOMPLETE" in proof.summary() and "server: w may still be charging" in proof.summary()
     assert teardown_run(local_cloud, run.run_id).clean
+
+
+def test_a_servers_delete_is_sent_before_slow_listings_and_other_deletes_spend_the_deadline(local_cloud, tmp_path):
+    run = owner("teardown-deadline")
+    lease = Lease(local_cloud, run, ledger=Ledger(tmp_path / "ledger.db"), teardown_deadline=lambda: ends_by)
+    (server,) = lease.create_servers(ServerSpec("w", "m3.tiny", "slipstream-noop"))
+    lease.cloud.attach_floating_ip(lease.create_floating_ip().id, server.id)
+    # Neutron answers slowly (each call in flight; on OpenStack up to its 60-s api_timeout).
+    _faults(local_cloud, slow_calls={"list_floating_ips": 1.0, "list_servers": 1.0, "list_volumes": 1.0,
+                                     "list_keypairs": 1.0, "delete_floating_ip": 1.5})
+    ends_by, ends_at = time.monotonic() + 2.0, time.time() + 2.0  # what is left of the run's schedule
+    try:
+        lease.teardown()
+    finally:
+        _faults(local_cloud)
+    (history,) = local_cloud.server_history()
+    # The server is what charges the run: its delete is the first call, not the sixth (before:
+    # four listings and the address's delete, 5.5 s, went first and it outlived the deadline).
+    assert history.deleted_at is not None
+    assert history.deleted_at.timestamp() <= ends_at + LATENESS
+    assert teardown_run(local_cloud, run.run_id).clean
