@@ -26,8 +26,6 @@ running are booted again (a hypervisor host coming back with resume_guests_state
 """
 
 import base64
-import gzip
-import io
 import ipaddress
 import json
 import os
@@ -43,7 +41,7 @@ from nova.network import neutron
 from nova.virt import fake
 from oslo_log import log as logging
 
-from slipstream.cloud.local import processes, vms
+from slipstream.cloud.local import processes, userdata, vms
 from slipstream.cloud.models import Flavor
 from slipstream.jetstream2 import login_user_for_image
 
@@ -60,7 +58,6 @@ FLOATING_RANGE = ipaddress.ip_network("127.81.0.0/16")
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a guest's processes
 FLOATING_POLL = 1.0  # seconds between looks at Neutron's floating IPs of the guests' ports
 SWEEP_EVERY = 30.0  # seconds between looks for stopped guests whose server was deleted
-USER_DATA_MAX = 4 << 20  # bytes of unpacked gzip user_data: the lab host's memory and disk are shared
 CONSOLE_MAX = 1 << 20  # bytes of the console log returned (Nova's API trims to the lines asked)
 LAB_TAG = "SLIPSTREAM_LAB_PROC"  # lab.sh marks its processes with it; `down` checks for leftovers
 
@@ -321,19 +318,16 @@ class LabGuestDriver(fake.FakeDriver):
 
 
 def _user_data(encoded):
-    """Nova's base64 user_data as text; gzip-compressed user_data is unpacked, as cloud-init does,
-    up to USER_DATA_MAX bytes: Nova's 64 KiB would otherwise unpack to ~64 MiB in nova-compute
-    and twice that on the lab's shared disk, per server."""
+    """Nova's base64 user_data as text; gzip-compressed user_data is unpacked, as cloud-init does
+    (at most userdata.UNPACKED_MAX bytes: the lab host's memory and disk are shared)."""
     if not encoded:
         return None
     raw = base64.b64decode(encoded)
     if raw[:2] == b"\x1f\x8b":
-        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as unpacked:
-            raw = unpacked.read(USER_DATA_MAX + 1)
-        if len(raw) > USER_DATA_MAX:
-            raise exception.InstanceDeployFailure(reason=(
-                f"gzip-compressed user_data unpacks to more than {USER_DATA_MAX} bytes, the lab's "
-                "limit: send less, or fetch the rest from the guest"))
+        try:
+            raw = userdata.gunzip(raw)
+        except userdata.UserDataError as err:
+            raise exception.InstanceDeployFailure(reason=str(err)) from None
     return raw.decode("utf-8", "replace")
 
 

@@ -144,5 +144,5 @@ def test_a_gzip_bomb_in_user_data_is_refused_before_it_unpacks(tmp_path):
                           "small": lg._user_data(base64.b64encode(small))}))
     ''', tmp_path)
     assert got["bomb_size"] < 65535  # Nova's user_data limit lets it through
-    assert "more than" in got["bomb"] and str(4 << 20) in got["bomb"]
+    assert "more than" in got["bomb"] and str(16 << 20) in got["bomb"]
     assert got["small"] == "#!/bin/sh\necho hi\n"
