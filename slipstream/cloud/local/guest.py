@@ -74,6 +74,7 @@ class FloatingForwarder:
         self.floating_ip: str | None = None
         self.servers: dict[int, asyncio.Server] = {}
         self.refused: dict[int, float] = {}  # port -> when to try binding again
+        self.connections: set[asyncio.StreamWriter] = set()  # both ends of each forwarded one
 
     async def update(self, floating_ip: str | None) -> None:
         if floating_ip != self.floating_ip:
@@ -103,13 +104,23 @@ class FloatingForwarder:
             except OSError:
                 writer.close()
                 return
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            ends = {writer, up_writer}
+            self.connections |= ends
+            try:
+                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            finally:
+                self.connections -= ends
         return forward
 
     async def close(self) -> None:
+        """Stop forwarding, open connections included: Neutron forgets a released floating
+        IP's connection tracking, so a session through it must not go on reaching the VM."""
         for server in self.servers.values():
             server.close()
         self.servers.clear()
+        for end in self.connections:
+            end.close()
+        self.connections.clear()
 
 
 class Guest:
