@@ -95,7 +95,6 @@ class LabGuestDriver(fake.FakeDriver):
         self._ports = {}  # server uuid -> its port id, for the guests that run
         self._neutron = None
         self._neutron_failing = False
-        self._shown = {}  # server uuid -> the floating IP its guest was last told (None: none)
 
     # where a guest lives ----------------------------------------------------------------------
     def _dir(self, uuid):
@@ -306,15 +305,13 @@ class LabGuestDriver(fake.FakeDriver):
             if fip.get("port_id") in ports and _within(fip["floating_ip_address"], FLOATING_RANGE):
                 wanted[ports[fip["port_id"]]] = fip["floating_ip_address"]
         for uuid, address in wanted.items():
-            if self._shown.get(uuid, "unset") != address:
-                try:
+            # Compared with what the guest's meta.json says now, not with what this thread last
+            # wrote: a rebuild or unshelve rewrites meta.json (no floating IP) in between.
+            try:
+                if vms.read_meta(self._dir(uuid)).get("floating_ip") != address:
                     vms.update_meta(self._dir(uuid), floating_ip=address)
-                except OSError as err:  # this guest's disk (full, removed): the others still get theirs
-                    LOG.warning("cannot tell server %s its floating IP %s: %s", uuid, address, err)
-                    continue
-                self._shown[uuid] = address
-        for uuid in set(self._shown) - set(wanted):
-            del self._shown[uuid]
+            except (OSError, ValueError) as err:  # this guest's disk (full, broken): the others still get theirs
+                LOG.warning("cannot tell server %s its floating IP %s: %s", uuid, address, err)
 
 
 def _user_data(encoded):

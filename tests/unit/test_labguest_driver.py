@@ -146,3 +146,25 @@ def test_a_gzip_bomb_in_user_data_is_refused_before_it_unpacks(tmp_path):
     assert got["bomb_size"] < 65535  # Nova's user_data limit lets it through
     assert "more than" in got["bomb"] and str(16 << 20) in got["bomb"]
     assert got["small"] == "#!/bin/sh\necho hi\n"
+
+
+def test_a_rebuilt_guest_is_told_its_floating_ip_again(tmp_path):
+    # A rebuild (destroy, then spawn on the same server) or an unshelve rewrites meta.json with
+    # no floating IP; the floating IP did not change in Neutron, so it must be written again.
+    got = in_nova('''
+        sid = guest_dir(driver, "127.80.0.22", "port-r")
+        driver._ports[sid] = "port-r"
+        class RecordedNeutron:
+            def list_floatingips(self, port_id):
+                return {"floatingips": [{"port_id": "port-r", "floating_ip_address": "127.81.0.22"}]}
+        driver._neutron = RecordedNeutron()
+        driver._floating_round()
+        before = vms.read_meta(driver._dir(sid))["floating_ip"]
+        vms.prepare(driver._dir(sid), server_id=sid, name="g", address="127.80.0.22",
+                    flavor=Flavor("m3.tiny", 1, 3072, 20), image="Featured-Ubuntu24", runs_sshd=True,
+                    metadata={}, tags=[], key_name=None, public_key=None, user_data=None, ssh_port=22,
+                    ssh_user="exouser", host="lab")  # what spawn does on the rebuild
+        driver._floating_round()
+        print(json.dumps({"before": before, "after": vms.read_meta(driver._dir(sid))["floating_ip"]}))
+    ''', tmp_path)
+    assert got == {"before": "127.81.0.22", "after": "127.81.0.22"}
