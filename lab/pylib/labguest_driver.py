@@ -55,6 +55,9 @@ LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 # guest already holds. Only these ranges are booted; a 127.x fixed address elsewhere fails.
 FIXED_RANGE = ipaddress.ip_network("127.80.0.0/16")
 FLOATING_RANGE = ipaddress.ip_network("127.81.0.0/16")
+# What this driver refuses (an address above, a gzip bomb) it raises as InvalidInput: Nova then
+# aborts the build with the reason as the server's fault; any other error is rescheduled and the
+# user sees only "No valid host was found".
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a guest's processes
 FLOATING_POLL = 1.0  # seconds between looks at Neutron's floating IPs of the guests' ports
 SWEEP_EVERY = 30.0  # seconds between looks for stopped guests whose server was deleted
@@ -71,7 +74,7 @@ def _within(address, network):
 
 def _fixed_address(network_info):
     """(address, port id) of the first IPv4 fixed address in FIXED_RANGE, or (None, None) when
-    the server has no loopback address (bookkeeping only); raises InstanceDeployFailure for a
+    the server has no loopback address (bookkeeping only); raises InvalidInput for a
     loopback address outside FIXED_RANGE."""
     outside = []
     for vif in network_info or []:
@@ -81,7 +84,7 @@ def _fixed_address(network_info):
             if _within(ip["address"], LOOPBACK):
                 outside.append(ip["address"])
     if outside:
-        raise exception.InstanceDeployFailure(reason=(
+        raise exception.InvalidInput(reason=(
             f"fixed address {', '.join(outside)} is outside the lab's guest range {FIXED_RANGE}: "
             "the lab boots guests only on its own networks (use the project's default network)"))
     return None, None
@@ -134,7 +137,7 @@ class LabGuestDriver(fake.FakeDriver):
         address = vms.read_meta(self._dir(uuid)).get("address")
         holder = self._address_holder(uuid, address)
         if holder is not None:
-            raise exception.InstanceDeployFailure(reason=(
+            raise exception.InvalidInput(reason=(
                 f"fixed address {address} is already held by the running server {holder}: "
                 "give this server a port on another subnet, or delete that server first"))
         boot = record["boot"] + 1
@@ -324,7 +327,7 @@ def _user_data(encoded):
         try:
             raw = userdata.gunzip(raw)
         except userdata.UserDataError as err:
-            raise exception.InstanceDeployFailure(reason=str(err)) from None
+            raise exception.InvalidInput(reason=str(err)) from None
     return raw.decode("utf-8", "replace")
 
 

@@ -46,7 +46,7 @@ def guest_dir(driver, address, port_id="p"):
 def failure(call):
     try:
         call()
-    except exception.InstanceDeployFailure as err:
+    except exception.InvalidInput as err:
         return str(err)
     return None
 
