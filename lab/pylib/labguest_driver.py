@@ -140,13 +140,19 @@ class LabGuestDriver(fake.FakeDriver):
             raise exception.InvalidInput(reason=(
                 f"fixed address {address} is already held by the running server {holder}: "
                 "give this server a port on another subnet, or delete that server first"))
+        # Claimed before the launch, which yields to other green threads: two builds at once on
+        # overlapping subnets must not both pass the check above.
+        self._ports[uuid] = record["port"]
         boot = record["boot"] + 1
         vms.write_boot(self._dir(uuid), boot, time.time())
         extra = {LAB_TAG: os.environ[LAB_TAG]} if LAB_TAG in os.environ else {}
-        (guest,) = vms.start_guests(self.home, [(uuid, boot)], extra_env=extra)
+        try:
+            (guest,) = vms.start_guests(self.home, [(uuid, boot)], extra_env=extra)
+        except BaseException:
+            self._ports.pop(uuid, None)
+            raise
         record.update(boot=boot, guest=[guest.pid, guest.pgid, guest.start])
         self._save_record(uuid, record)
-        self._ports[uuid] = record["port"]
         LOG.info("guest %s booted (boot %d, pid %d)", uuid, boot, guest.pid)
 
     def _end(self, *uuids):

@@ -168,3 +168,30 @@ def test_a_rebuilt_guest_is_told_its_floating_ip_again(tmp_path):
         print(json.dumps({"before": before, "after": vms.read_meta(driver._dir(sid))["floating_ip"]}))
     ''', tmp_path)
     assert got == {"before": "127.81.0.22", "after": "127.81.0.22"}
+
+
+def test_two_guests_booting_at_once_on_one_address_do_not_both_start(tmp_path):
+    # Nova builds servers concurrently; launching a guest yields to the other build's green
+    # thread. The stand-in launcher plays that switch: while the first guest launches, the
+    # second build boots; it must find the address taken. (Nothing is really launched.)
+    got = in_nova('''
+        first = guest_dir(driver, "127.80.0.30", "port-a")
+        second = guest_dir(driver, "127.80.0.30", "port-b")
+        seen = {}
+        def launching(home, guests, extra_env=None):
+            (sid, boot), = guests
+            if sid == first:
+                seen["second"] = failure(lambda: driver._boot(second))
+                raise RuntimeError("stand-in: the first guest failed to launch")
+            raise AssertionError("the second guest was launched on the first one's address")
+        lg.vms.start_guests = launching
+        try:
+            driver._boot(first)
+        except RuntimeError as err:
+            seen["first"] = str(err)
+        seen["claimed_after_failure"] = sorted(driver._ports)
+        print(json.dumps(seen))
+    ''', tmp_path)
+    assert "127.80.0.30" in got["second"] and "already held" in got["second"]
+    assert "failed to launch" in got["first"]
+    assert got["claimed_after_failure"] == []  # a failed launch releases the address
