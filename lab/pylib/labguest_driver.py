@@ -145,6 +145,10 @@ class LabGuestDriver(fake.FakeDriver):
         self._ports[uuid] = record["port"]
         boot = record["boot"] + 1
         vms.write_boot(self._dir(uuid), boot, time.time())
+        # Saved before the launch: processes are found by their (server, boot) marker, and a
+        # nova-compute killed mid-launch must find this boot's at its next start (init_host).
+        record.update(boot=boot, guest=None)
+        self._save_record(uuid, record)
         extra = {LAB_TAG: os.environ[LAB_TAG]} if LAB_TAG in os.environ else {}
         try:
             (guest,) = vms.start_guests(self.home, [(uuid, boot)], extra_env=extra)

@@ -195,3 +195,43 @@ def test_two_guests_booting_at_once_on_one_address_do_not_both_start(tmp_path):
     assert "127.80.0.30" in got["second"] and "already held" in got["second"]
     assert "failed to launch" in got["first"]
     assert got["claimed_after_failure"] == []  # a failed launch releases the address
+
+
+def test_a_guest_launched_by_a_nova_compute_killed_mid_launch_is_ended_at_its_next_start(tmp_path):
+    # The launch yields for a while; nova-compute can be killed then (SystemExit plays it, after
+    # the real launcher started a real guest, which binds nothing: no sshd, no floating IP).
+    got = in_nova('''
+        import os, signal
+        from slipstream.cloud.local import processes
+        sid = guest_dir(driver, "127.80.0.40", "port-k")
+        vms.update_meta(driver._dir(sid), runs_sshd=False)
+        real_start = lg.vms.start_guests
+        def killed_mid_launch(*args, **kwargs):
+            real_start(*args, **kwargs)
+            raise SystemExit("nova-compute killed")
+        lg.vms.start_guests = killed_mid_launch
+        try:
+            driver._boot(sid)
+        except SystemExit:
+            pass
+        lg.vms.start_guests = real_start
+        def running():
+            marker = f"SLIPSTREAM_SERVER_ID={sid}".encode()
+            found = []
+            for entry in Path("/proc").iterdir():
+                try:
+                    if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\\0"):
+                        found.append(int(entry.name))
+                except OSError:
+                    pass
+            return found
+        launched = running()
+        restarted = lg.LabGuestDriver(None)
+        restarted._end(sid)  # what init_host does for every guest after a restart
+        left = running()
+        for pid in left:  # never leave one behind, whatever the outcome
+            os.kill(pid, signal.SIGKILL)
+        print(json.dumps({"launched": len(launched), "left": len(left)}))
+    ''', tmp_path)
+    assert got["launched"] >= 1
+    assert got["left"] == 0
