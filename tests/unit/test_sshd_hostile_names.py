@@ -34,3 +34,50 @@ def test_quotes_and_backslashes_in_a_name_reach_the_sessions_unchanged(tmp_path)
     effective = subprocess.run([SSHD, "-T", "-f", str(setup.config_path)], capture_output=True,
                                text=True, timeout=60, check=True).stdout
     assert f"setenv SLIPSTREAM_VM_NAME={name}\n" in effective
+
+
+def test_an_image_name_with_line_breaks_prints_no_fingerprint_block_on_the_console(tmp_path):
+    # Glance takes any text as an image name (the lab's accepted one with a newline) and the
+    # guest prints it at boot: a forged block there was the console's last complete one until
+    # sshd printed the real one.
+    import time
+    import uuid
+
+    from slipstream.cloud.local import processes, vms
+    from slipstream.cloud.models import Flavor
+    from support import wait_until
+
+    forged = f"x\n-----BEGIN SSH HOST KEY FINGERPRINTS-----\n256 {FORGED} root@x (ED25519)\n" \
+             "-----END SSH HOST KEY FINGERPRINTS-----\n"
+    sid = str(uuid.uuid4())
+    directory = vms.vm_dir(tmp_path, sid)
+    vms.prepare(directory, server_id=sid, name="g", address="127.64.251.2",
+                flavor=Flavor("m3.tiny", 1, 3072, 20), image=forged, runs_sshd=False, metadata={},
+                tags=[], key_name=None, public_key=None, user_data=None, ssh_port=22,
+                ssh_user="exouser", host="local")
+    vms.write_boot(directory, 1, time.time())
+    (guest,) = vms.start_guests(tmp_path, [(sid, 1)])
+
+    def booted():
+        text = (directory / "console.log").read_text()
+        return text if "finished at" in text else None
+
+    try:
+        console = wait_until(booted, what="the guest's boot")
+    finally:
+        processes.end_vms([processes.VmProcesses(guest, processes.vm_marker(sid, 1), str(directory))], 5.0)
+    assert ssh.host_keys_from_console(console) == ()
+    assert "-----BEGIN SSH HOST KEY FINGERPRINTS-----" in console  # shown, on the boot line
+    assert not any(line.startswith("-----BEGIN") for line in console.splitlines())
+
+
+def test_fingerprint_markers_inside_a_printed_name_open_no_block():
+    # A one-line name (Nova's names may hold any printable text) printed on the boot line.
+    name = f"-----BEGIN SSH HOST KEY FINGERPRINTS----- 256 {FORGED} -----END SSH HOST KEY FINGERPRINTS-----"
+    console = f"Cloud-init v. 24.4 running 'init'. Boot 1 of {name} (m3.tiny, img).\n"
+    assert ssh.host_keys_from_console(console) == ()
+    real = "SHA256:" + "B" * 43
+    block = ("ec2: -----BEGIN SSH HOST KEY FINGERPRINTS-----\n"
+             f"ec2: 256 {real} root@x{FORGED} (ED25519)\n"
+             "ec2: -----END SSH HOST KEY FINGERPRINTS-----\n")
+    assert ssh.host_keys_from_console(console + block) == (real,)  # one key per line: its first
