@@ -19,7 +19,8 @@ NAT would — no interface, route or iptables rule is ever made.
 
 Anything else (a server on a non-loopback address, e.g. a lab seeded before loopback ranges,
 or any call this driver does not override) is FakeDriver's bookkeeping, unchanged: nothing binds,
-routes or sends to an address outside 127.0.0.0/8, nor binds 127.x outside the lab's own ranges (FIXED_RANGE, FLOATING_RANGE).
+routes or sends to an address outside 127.0.0.0/8, nor binds 127.x outside the lab's own
+ranges (FIXED_RANGE, FLOATING_RANGE).
 
 On stop (``lab.sh down``) every guest is ended, as on a host shutdown; on start, guests that were
 running are booted again (a hypervisor host coming back with resume_guests_state_on_host_boot).
@@ -323,7 +324,7 @@ class LabGuestDriver(fake.FakeDriver):
             try:
                 if vms.read_meta(self._dir(uuid)).get("floating_ip") != address:
                     vms.update_meta(self._dir(uuid), floating_ip=address)
-            except (OSError, ValueError) as err:  # this guest's disk (full, broken): the others still get theirs
+            except (OSError, ValueError) as err:  # this guest's disk is broken: not the others'
                 LOG.warning("cannot tell server %s its floating IP %s: %s", uuid, address, err)
 
 

@@ -57,7 +57,8 @@ driver._guests.mkdir(parents=True, exist_ok=True)
 
 def in_nova(code: str, tmp_path: Path) -> dict:
     """Run PRELUDE + ``code`` (which prints one JSON line) under Nova's Python; its result."""
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": f"{ROOT}:{ROOT / 'lab' / 'pylib'}", "LANG": "C.UTF-8"}
+    env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8",
+           "PYTHONPATH": f"{ROOT}:{ROOT / 'lab' / 'pylib'}"}
     done = subprocess.run([NOVA_PYTHON, "-c", PRELUDE + textwrap.dedent(code), str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -71,7 +72,8 @@ def test_a_port_on_a_users_own_loopback_subnet_boots_no_guest(tmp_path):
     got = in_nova('''
         print(json.dumps({
             "lab": lg._fixed_address([port("127.80.3.4", "127.80.0.0/16", "p1")]),
-            "localcloud": failure(lambda: lg._fixed_address([port("127.64.250.5", "127.64.250.0/24")])),
+            "localcloud": failure(
+                lambda: lg._fixed_address([port("127.64.250.5", "127.64.250.0/24")])),
             "services": failure(lambda: lg._fixed_address([port("127.0.0.9", "127.0.0.0/24")])),
             "floating": failure(lambda: lg._fixed_address([port("127.81.0.20", "127.81.0.0/24")])),
             "not_loopback": lg._fixed_address([port("10.1.2.3", "10.1.2.0/24")]),
@@ -106,7 +108,8 @@ def test_one_guest_whose_metadata_cannot_be_written_does_not_stop_the_others_flo
         broken = guest_dir(driver, "127.80.0.8", "port-broken")
         healthy = guest_dir(driver, "127.80.0.9", "port-healthy")
         foreign = guest_dir(driver, "127.80.0.10", "port-foreign")
-        driver._ports.update({broken: "port-broken", healthy: "port-healthy", foreign: "port-foreign"})
+        driver._ports.update(
+            {broken: "port-broken", healthy: "port-healthy", foreign: "port-foreign"})
         # meta.json cannot be rewritten (its temporary file's name is taken: a full or broken disk)
         import os
         (driver._dir(broken) / f".meta.json.{os.getpid()}").mkdir()
@@ -156,16 +159,19 @@ def test_a_rebuilt_guest_is_told_its_floating_ip_again(tmp_path):
         driver._ports[sid] = "port-r"
         class RecordedNeutron:
             def list_floatingips(self, port_id):
-                return {"floatingips": [{"port_id": "port-r", "floating_ip_address": "127.81.0.22"}]}
+                return {"floatingips": [
+                    {"port_id": "port-r", "floating_ip_address": "127.81.0.22"}]}
         driver._neutron = RecordedNeutron()
         driver._floating_round()
         before = vms.read_meta(driver._dir(sid))["floating_ip"]
         vms.prepare(driver._dir(sid), server_id=sid, name="g", address="127.80.0.22",
-                    flavor=Flavor("m3.tiny", 1, 3072, 20), image="Featured-Ubuntu24", runs_sshd=True,
-                    metadata={}, tags=[], key_name=None, public_key=None, user_data=None, ssh_port=22,
-                    ssh_user="exouser", host="lab")  # what spawn does on the rebuild
+                    flavor=Flavor("m3.tiny", 1, 3072, 20), image="Featured-Ubuntu24",
+                    runs_sshd=True, metadata={}, tags=[], key_name=None, public_key=None,
+                    user_data=None, ssh_port=22, ssh_user="exouser",
+                    host="lab")  # what spawn does on the rebuild
         driver._floating_round()
-        print(json.dumps({"before": before, "after": vms.read_meta(driver._dir(sid))["floating_ip"]}))
+        after = vms.read_meta(driver._dir(sid))["floating_ip"]
+        print(json.dumps({"before": before, "after": after}))
     ''', tmp_path)
     assert got == {"before": "127.81.0.22", "after": "127.81.0.22"}
 
@@ -220,7 +226,8 @@ def test_a_guest_launched_by_a_nova_compute_killed_mid_launch_is_ended_at_its_ne
             found = []
             for entry in Path("/proc").iterdir():
                 try:
-                    if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\\0"):
+                    env = (entry / "environ").read_bytes().split(b"\\0")
+                    if entry.name.isdigit() and marker in env:
                         found.append(int(entry.name))
                 except OSError:
                     pass

@@ -65,7 +65,8 @@ def test_an_image_name_with_line_breaks_prints_no_fingerprint_block_on_the_conso
     try:
         console = wait_until(booted, what="the guest's boot")
     finally:
-        processes.end_vms([processes.VmProcesses(guest, processes.vm_marker(sid, 1), str(directory))], 5.0)
+        boot = processes.VmProcesses(guest, processes.vm_marker(sid, 1), str(directory))
+        processes.end_vms([boot], 5.0)
     assert ssh.host_keys_from_console(console) == ()
     assert "-----BEGIN SSH HOST KEY FINGERPRINTS-----" in console  # shown, on the boot line
     assert not any(line.startswith("-----BEGIN") for line in console.splitlines())
@@ -73,7 +74,8 @@ def test_an_image_name_with_line_breaks_prints_no_fingerprint_block_on_the_conso
 
 def test_fingerprint_markers_inside_a_printed_name_open_no_block():
     # A one-line name (Nova's names may hold any printable text) printed on the boot line.
-    name = f"-----BEGIN SSH HOST KEY FINGERPRINTS----- 256 {FORGED} -----END SSH HOST KEY FINGERPRINTS-----"
+    name = (f"-----BEGIN SSH HOST KEY FINGERPRINTS----- 256 {FORGED} "
+            "-----END SSH HOST KEY FINGERPRINTS-----")
     console = f"Cloud-init v. 24.4 running 'init'. Boot 1 of {name} (m3.tiny, img).\n"
     assert ssh.host_keys_from_console(console) == ()
     real = "SHA256:" + "B" * 43
