@@ -176,14 +176,20 @@ def host_keys_from_console(console_text: str) -> tuple[str, ...]:
     block appears again and the last one is the current boot's. A block that has begun but not
     ended yet counts as not printed: an earlier boot's keys could be stale.
     """
-    begin = console_text.rfind(_BEGIN)
-    if begin < 0:
+    # Markers count only at the end of their line and each line gives one fingerprint (its
+    # first): a server or image name printed mid-line (the lab takes any) cannot open a block
+    # or add a key to one.
+    lines = [line.rstrip() for line in console_text.replace("\r", "").split("\n")]
+    begins = [i for i, line in enumerate(lines) if line.endswith(_BEGIN)]
+    if not begins:
         return ()
-    end = console_text.find(_END, begin)
-    if end < 0:
-        return ()
-    found = _SHA256.findall(console_text[begin + len(_BEGIN):end])
-    return tuple(dict.fromkeys(found))
+    block = []
+    for line in lines[begins[-1] + 1:]:
+        if line.endswith(_END):
+            found = (_SHA256.search(line) for line in block)
+            return tuple(dict.fromkeys(m.group(0) for m in found if m))
+        block.append(line)
+    return ()
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,14 @@ NAT would — no interface, route or iptables rule is ever made.
 
 Anything else (a server on a non-loopback address, e.g. a lab seeded before loopback ranges,
 or any call this driver does not override) is FakeDriver's bookkeeping, unchanged: nothing binds,
-routes or sends to an address outside 127.0.0.0/8, nor binds 127.0.x.y (the lab's services').
+routes or sends to an address outside 127.0.0.0/8, nor binds 127.x outside the lab's own
+ranges (FIXED_RANGE, FLOATING_RANGE).
 
 On stop (``lab.sh down``) every guest is ended, as on a host shutdown; on start, guests that were
 running are booted again (a hypervisor host coming back with resume_guests_state_on_host_boot).
 """
 
 import base64
-import gzip
 import ipaddress
 import json
 import os
@@ -42,7 +42,7 @@ from nova.network import neutron
 from nova.virt import fake
 from oslo_log import log as logging
 
-from slipstream.cloud.local import processes, vms
+from slipstream.cloud.local import processes, userdata, vms
 from slipstream.cloud.models import Flavor
 from slipstream.jetstream2 import login_user_for_image
 
@@ -50,7 +50,15 @@ CONF = nova.conf.CONF
 LOG = logging.getLogger(__name__)
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
-HOST_LOOPBACK = ipaddress.ip_network("127.0.0.0/16")  # the lab's services and the host listen here
+# The ranges lab/seed.py gives the lab's networks. Any project member can create a network of
+# its own with a subnet anywhere in 127/8 (Neutron accepts it): a guest there would bind
+# LocalCloud's 127.64/127.65 addresses, the lab's services' 127.0.x.y, or an address another
+# guest already holds. Only these ranges are booted; a 127.x fixed address elsewhere fails.
+FIXED_RANGE = ipaddress.ip_network("127.80.0.0/16")
+FLOATING_RANGE = ipaddress.ip_network("127.81.0.0/16")
+# What this driver refuses (an address above, a gzip bomb) it raises as InvalidInput: Nova then
+# aborts the build with the reason as the server's fault; any other error is rescheduled and the
+# user sees only "No valid host was found".
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a guest's processes
 FLOATING_POLL = 1.0  # seconds between looks at Neutron's floating IPs of the guests' ports
 SWEEP_EVERY = 30.0  # seconds between looks for stopped guests whose server was deleted
@@ -58,21 +66,28 @@ CONSOLE_MAX = 1 << 20  # bytes of the console log returned (Nova's API trims to 
 LAB_TAG = "SLIPSTREAM_LAB_PROC"  # lab.sh marks its processes with it; `down` checks for leftovers
 
 
-def _loopback(address):
-    """An address a guest may bind: in 127.0.0.0/8 but not 127.0.x.y."""
+def _within(address, network):
     try:
-        ip = ipaddress.ip_address(address)
+        return ipaddress.ip_address(address) in network
     except ValueError:
         return False
-    return ip in LOOPBACK and ip not in HOST_LOOPBACK
 
 
 def _fixed_address(network_info):
-    """(address, port id) of the first IPv4 fixed address a guest may bind, or (None, None)."""
+    """(address, port id) of the first IPv4 fixed address in FIXED_RANGE, or (None, None) when
+    the server has no loopback address (bookkeeping only); raises InvalidInput for a
+    loopback address outside FIXED_RANGE."""
+    outside = []
     for vif in network_info or []:
         for ip in vif.fixed_ips():
-            if ip["version"] == 4 and _loopback(ip["address"]):
+            if ip["version"] == 4 and _within(ip["address"], FIXED_RANGE):
                 return ip["address"], vif["id"]
+            if _within(ip["address"], LOOPBACK):
+                outside.append(ip["address"])
+    if outside:
+        raise exception.InvalidInput(reason=(
+            f"fixed address {', '.join(outside)} is outside the lab's guest range {FIXED_RANGE}: "
+            "the lab boots guests only on its own networks (use the project's default network)"))
     return None, None
 
 
@@ -83,6 +98,7 @@ class LabGuestDriver(fake.FakeDriver):
         self._guests = vms.vm_dir(self.home, "-").parent
         self._ports = {}  # server uuid -> its port id, for the guests that run
         self._neutron = None
+        self._neutron_failing = False
 
     # where a guest lives ----------------------------------------------------------------------
     def _dir(self, uuid):
@@ -108,15 +124,40 @@ class LabGuestDriver(fake.FakeDriver):
         return [d.name for d in sorted(self._guests.iterdir()) if (d / "guest.json").exists()]
 
     # booting and ending ------------------------------------------------------------------------
+    def _address_holder(self, uuid, address):
+        """The other server whose running guest holds ``address``, or None (two networks with
+        overlapping subnets give two ports the same address: the second guest would find its
+        sshd refused, and forward its floating IP to the first server's ports)."""
+        for other in self._ports:
+            if other != uuid and vms.read_meta(self._dir(other)).get("address") == address:
+                return other
+        return None
+
     def _boot(self, uuid):
         record = self._record(uuid)
+        address = vms.read_meta(self._dir(uuid)).get("address")
+        holder = self._address_holder(uuid, address)
+        if holder is not None:
+            raise exception.InvalidInput(reason=(
+                f"fixed address {address} is already held by the running server {holder}: "
+                "give this server a port on another subnet, or delete that server first"))
+        # Claimed before the launch, which yields to other green threads: two builds at once on
+        # overlapping subnets must not both pass the check above.
+        self._ports[uuid] = record["port"]
         boot = record["boot"] + 1
         vms.write_boot(self._dir(uuid), boot, time.time())
+        # Saved before the launch: processes are found by their (server, boot) marker, and a
+        # nova-compute killed mid-launch must find this boot's at its next start (init_host).
+        record.update(boot=boot, guest=None)
+        self._save_record(uuid, record)
         extra = {LAB_TAG: os.environ[LAB_TAG]} if LAB_TAG in os.environ else {}
-        (guest,) = vms.start_guests(self.home, [(uuid, boot)], extra_env=extra)
+        try:
+            (guest,) = vms.start_guests(self.home, [(uuid, boot)], extra_env=extra)
+        except BaseException:
+            self._ports.pop(uuid, None)
+            raise
         record.update(boot=boot, guest=[guest.pid, guest.pgid, guest.start])
         self._save_record(uuid, record)
-        self._ports[uuid] = record["port"]
         LOG.info("guest %s booted (boot %d, pid %d)", uuid, boot, guest.pid)
 
     def _end(self, *uuids):
@@ -170,7 +211,7 @@ class LabGuestDriver(fake.FakeDriver):
             return
         uuid, directory = instance.uuid, self._dir(instance.uuid)
         record = self._record(uuid)
-        previous = json.loads((directory / "meta.json").read_text()) if record else {}
+        previous = vms.read_meta(directory) if record else {}
         # An unshelve boots the same disk: its host keys, its image and authorized key (Nova
         # passes the shelved snapshot and no key_data).
         image = previous.get("image") or getattr(image_meta, "name", None) or "unknown"
@@ -224,62 +265,80 @@ class LabGuestDriver(fake.FakeDriver):
             f.seek(max(0, console.stat().st_size - CONSOLE_MAX))
             return f.read().decode("utf-8", "replace")
 
-    # floating IPs -------------------------------------------------------------------------------
-    def _sweep_deleted(self):
-        """Forever: remove the directory of a stopped guest whose server Nova no longer has
-        (deleted while shelved-offloaded or while nova-compute was down: no destroy came)."""
+    # the driver's background threads ----------------------------------------------------------
+    def _forever(self, every, one_round, what):
+        """Run ``one_round`` every ``every`` seconds for as long as nova-compute runs. A round
+        that fails is logged and the next one comes: an uncaught error would end the green
+        thread silently, and with it every floating IP (or the sweep) until a restart."""
         while True:
-            eventlet.sleep(SWEEP_EVERY)
-            for uuid in self._guest_ids():
-                if uuid in self._ports:
-                    continue  # running: its delete comes to destroy()
-                try:
-                    objects.Instance.get_by_uuid(nova_context.get_admin_context(), uuid)
-                except exception.InstanceNotFound:
-                    LOG.info("server %s is gone: removing its guest's disk", uuid)
-                    vms.remove(self._dir(uuid))
-                    self.instances.pop(uuid, None)
-                except Exception as err:  # noqa: BLE001 - the conductor restarting: next round
-                    LOG.debug("cannot look up server %s: %s", uuid, err)
+            eventlet.sleep(every)
+            try:
+                one_round()
+            except Exception:  # noqa: BLE001 - see above: the thread must outlive any one round
+                LOG.exception("%s failed (trying again in %s s)", what, every)
+
+    def _sweep_deleted(self):
+        self._forever(SWEEP_EVERY, self._sweep_round, "sweeping deleted servers' guests")
+
+    def _sweep_round(self):
+        """Remove the directory of a stopped guest whose server Nova no longer has (deleted
+        while shelved-offloaded or while nova-compute was down: no destroy came)."""
+        for uuid in self._guest_ids():
+            if uuid in self._ports:
+                continue  # running: its delete comes to destroy()
+            try:
+                objects.Instance.get_by_uuid(nova_context.get_admin_context(), uuid)
+            except exception.InstanceNotFound:
+                LOG.info("server %s is gone: removing its guest's disk", uuid)
+                vms.remove(self._dir(uuid))
+                self.instances.pop(uuid, None)
+            except Exception as err:  # noqa: BLE001 - the conductor restarting: next round
+                LOG.debug("cannot look up server %s: %s", uuid, err)
 
     def _follow_floating_ips(self):
-        """Forever: tell each guest the floating IP Neutron has for its port (or None)."""
-        shown, failing = {}, False
-        while True:
-            eventlet.sleep(FLOATING_POLL)
-            ports = {port: uuid for uuid, port in list(self._ports.items()) if port}
-            if not ports:
-                continue
+        self._forever(FLOATING_POLL, self._floating_round, "following floating IPs")
+
+    def _floating_round(self):
+        """Tell each running guest the floating IP Neutron has for its port (or None)."""
+        ports = {port: uuid for uuid, port in list(self._ports.items()) if port}
+        if not ports:
+            return
+        try:
+            if self._neutron is None:
+                self._neutron = neutron.get_client(nova_context.get_admin_context(), admin=True)
+            found = self._neutron.list_floatingips(port_id=list(ports))["floatingips"]
+        except Exception as err:  # noqa: BLE001 - Neutron restarting: try again next time
+            if not self._neutron_failing:
+                LOG.warning("cannot read floating IPs from Neutron (retrying every %s s): %s",
+                            FLOATING_POLL, err)
+            self._neutron_failing, self._neutron = True, None
+            return
+        self._neutron_failing = False
+        wanted = {uuid: None for uuid in ports.values()}
+        for fip in found:
+            if fip.get("port_id") in ports and _within(fip["floating_ip_address"], FLOATING_RANGE):
+                wanted[ports[fip["port_id"]]] = fip["floating_ip_address"]
+        for uuid, address in wanted.items():
+            # Compared with what the guest's meta.json says now, not with what this thread last
+            # wrote: a rebuild or unshelve rewrites meta.json (no floating IP) in between.
             try:
-                if self._neutron is None:
-                    self._neutron = neutron.get_client(nova_context.get_admin_context(), admin=True)
-                found = self._neutron.list_floatingips(port_id=list(ports))["floatingips"]
-            except Exception as err:  # noqa: BLE001 - Neutron restarting: try again next time
-                if not failing:
-                    LOG.warning("cannot read floating IPs from Neutron (retrying every %s s): %s",
-                                FLOATING_POLL, err)
-                failing, self._neutron = True, None
-                continue
-            failing = False
-            wanted = {uuid: None for uuid in ports.values()}
-            for fip in found:
-                if fip.get("port_id") in ports and _loopback(fip["floating_ip_address"]):
-                    wanted[ports[fip["port_id"]]] = fip["floating_ip_address"]
-            for uuid, address in wanted.items():
-                if shown.get(uuid, "unset") != address:
+                if vms.read_meta(self._dir(uuid)).get("floating_ip") != address:
                     vms.update_meta(self._dir(uuid), floating_ip=address)
-                    shown[uuid] = address
-            for uuid in set(shown) - set(wanted):
-                del shown[uuid]
+            except (OSError, ValueError) as err:  # this guest's disk is broken: not the others'
+                LOG.warning("cannot tell server %s its floating IP %s: %s", uuid, address, err)
 
 
 def _user_data(encoded):
-    """Nova's base64 user_data as text; gzip-compressed user_data is unpacked, as cloud-init does."""
+    """Nova's base64 user_data as text; gzip-compressed user_data is unpacked, as cloud-init does
+    (at most userdata.UNPACKED_MAX bytes: the lab host's memory and disk are shared)."""
     if not encoded:
         return None
     raw = base64.b64decode(encoded)
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = userdata.gunzip(raw)
+        except userdata.UserDataError as err:
+            raise exception.InvalidInput(reason=str(err)) from None
     return raw.decode("utf-8", "replace")
 
 

@@ -263,3 +263,36 @@ def test_a_floating_ip_reaches_the_vm_until_it_is_released(local_cloud):
     wait_until(reachable, what="SSH through the floating IP")
     local_cloud.delete_floating_ip(fip.id)
     wait_until(lambda: not reachable(), what="the floating IP to stop forwarding")
+
+
+def test_a_released_floating_ip_also_ends_the_connections_made_through_it(local_cloud):
+    # Neutron drops a floating IP's connection tracking when it is disassociated: a session
+    # opened through it must not keep reaching the VM after the address went elsewhere.
+    server, who = boot(local_cloud, ServerSpec("public", "m3.tiny", "Featured-Ubuntu22"))
+    fip = local_cloud.create_floating_ip(who)
+    local_cloud.attach_floating_ip(fip.id, server.id)
+
+    def connected():
+        try:
+            conn = socket.create_connection((fip.address, server.ssh_port), timeout=5)
+        except OSError:
+            return None
+        if conn.recv(64).startswith(b"SSH-2.0-OpenSSH"):
+            return conn
+        conn.close()
+        return None
+
+    conn = wait_until(connected, what="SSH through the floating IP")
+    with conn:
+        local_cloud.delete_floating_ip(fip.id)
+        conn.settimeout(0.2)
+
+        def closed() -> bool:
+            try:
+                return conn.recv(64) == b""
+            except TimeoutError:
+                return False
+            except ConnectionError:
+                return True
+
+        wait_until(closed, what="the connection through the released floating IP to end")

@@ -458,7 +458,7 @@ def test_prepare_sshd_names_the_package_when_sshd_is_missing(tmp_path, monkeypat
 
 def test_prepare_sshd_refuses_values_sshd_config_would_mangle(tmp_path):
     with pytest.raises(ValueError, match="session variable"):
-        prepare_sshd(tmp_path / "s", [("127.64.250.1", 2222)], "", {"HOME": 'a"b'}, tmp_path / "h")
+        prepare_sshd(tmp_path / "s", [("127.64.250.1", 2222)], "", {"HOME": "a\nb"}, tmp_path / "h")
     with pytest.raises(ValueError, match="whitespace"):
         prepare_sshd(tmp_path / "s", [("127.64.250.1", 2222)], "", {}, tmp_path / "my home")
 

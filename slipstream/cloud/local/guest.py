@@ -47,6 +47,12 @@ def say(message: str) -> None:
     print(f"cloud-init[{os.getpid()}]: {message}", flush=True)  # stdout is the console log
 
 
+def _one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters as '?': a name or image name
+    (Glance takes any text) must not print console lines of its own."""
+    return "".join(c if c.isprintable() else "?" for c in str(text))
+
+
 def listening_ports(address: str) -> set[int]:
     """TCP ports in LISTEN state on exactly ``address``."""
     return {port for addr, port in tcp_listeners() if addr == address}
@@ -74,6 +80,7 @@ class FloatingForwarder:
         self.floating_ip: str | None = None
         self.servers: dict[int, asyncio.Server] = {}
         self.refused: dict[int, float] = {}  # port -> when to try binding again
+        self.connections: set[asyncio.StreamWriter] = set()  # both ends of each forwarded one
 
     async def update(self, floating_ip: str | None) -> None:
         if floating_ip != self.floating_ip:
@@ -103,13 +110,23 @@ class FloatingForwarder:
             except OSError:
                 writer.close()
                 return
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            ends = {writer, up_writer}
+            self.connections |= ends
+            try:
+                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            finally:
+                self.connections -= ends
         return forward
 
     async def close(self) -> None:
+        """Stop forwarding, open connections included: Neutron forgets a released floating
+        IP's connection tracking, so a session through it must not go on reaching the VM."""
         for server in self.servers.values():
             server.close()
         self.servers.clear()
+        for end in self.connections:
+            end.close()
+        self.connections.clear()
 
 
 class Guest:
@@ -149,7 +166,8 @@ class Guest:
             loop.add_signal_handler(sig, self.stopping.set)
         now = datetime.now(UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
         print(f"{CLOUD_INIT} running 'init' at {now}. Boot {self.boot['boot']} of "
-              f"{self.meta['name']} ({self.meta['flavor']['name']}, {self.meta['image']}).", flush=True)
+              f"{_one_line(self.meta['name'])} ({self.meta['flavor']['name']}, "
+              f"{_one_line(self.meta['image'])}).", flush=True)
         print(f"ci-info: | eth0 | True | {self.meta['address']} | 255.255.0.0 | global |", flush=True)
         watcher = asyncio.create_task(self.watch())
         try:

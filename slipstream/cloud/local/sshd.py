@@ -101,10 +101,10 @@ def prepare_sshd(
     for address, port in listen:
         _check_listen(address, port)
     for name, value in session_env.items():
-        if not _ENV_NAME.match(name) or any(c in value for c in '\n\0"\\'):
+        if not _ENV_NAME.match(name) or any(c in value for c in "\n\r\0"):
             raise ValueError(
                 f"session variable {name!r} cannot go into sshd_config: names are letters, "
-                "digits and '_'; values may not contain a newline, a double quote or a backslash"
+                "digits and '_'; values may not contain a line break or NUL"
             )
     state_dir = Path(state_dir).absolute()
     start_dir = Path(start_dir).absolute()
@@ -119,7 +119,8 @@ def prepare_sshd(
 
     with (state_dir / ".host-keys.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two boots racing must not mix halves of two keys
-        host_keys = [_ensure_host_key(state_dir, kind, host_name) for kind in HOST_KEY_TYPES]
+        host_keys = [_ensure_host_key(state_dir, kind, _key_comment_host(host_name))
+                     for kind in HOST_KEY_TYPES]
     auth_file = state_dir / "authorized_keys"
     auth_file.write_text(authorized_keys.rstrip("\n") + "\n")
     auth_file.chmod(0o600)
@@ -185,6 +186,17 @@ def _unprivileged_port_start() -> int:
         return 1024
 
 
+def _quoted(value: str) -> str:
+    """``value`` inside sshd_config's double quotes (OpenSSH unescapes \\ and \\")."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _key_comment_host(name: str) -> str:
+    """``name`` as a hostname for the host keys' comments: the comment is printed inside the
+    console's fingerprint block, where any ``SHA256:...`` text would be trusted as a host key."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-.")[:63] or "localhost"
+
+
 def _ensure_host_key(state_dir: Path, kind: str, host_name: str) -> Path:
     """The host key of type ``kind``: generated the first time, then reused."""
     key = state_dir / f"ssh_host_{kind}_key"
@@ -235,7 +247,7 @@ def _render_config(
     ]
     if session_env:
         # sshd keeps only the first SetEnv line: every variable must be on it.
-        lines.append("SetEnv " + " ".join(f'{k}="{v}"' for k, v in session_env.items()))
+        lines.append("SetEnv " + " ".join(f'{k}="{_quoted(v)}"' for k, v in session_env.items()))
     return "\n".join(lines) + "\n"
 
 

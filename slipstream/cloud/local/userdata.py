@@ -10,7 +10,8 @@ Three forms are understood, as cloud-init reads them:
   (``/etc/x`` -> ``<disk>/etc/x``): nothing outside the disk is ever written. Other keys are
   reported on the console and ignored;
 - a MIME multipart message (``Content-Type: multipart/...``, as ``cloud-init devel make-mime``
-  writes) of ``text/x-shellscript`` and ``text/cloud-config`` parts: every part's write_files
+  writes) of ``text/x-shellscript`` and ``text/cloud-config`` parts (gzip parts unpacked, as
+  cloud-init does, up to UNPACKED_MAX bytes like all gzip data here): every part's write_files
   first, then the scripts in order, then the runcmds in order (cloud-init's scripts-user runs
   ``part-NNN`` before ``runcmd``).
 
@@ -29,8 +30,10 @@ import asyncio
 import base64
 import email
 import gzip
+import io
 import os
 import posixpath
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -42,6 +45,27 @@ class UserDataError(ValueError):
 
 
 MIME_PART_KINDS = {"text/x-shellscript": "script", "text/cloud-config": "cloud-config"}
+# cloud-init unpacks MIME parts of these types (its TYPE_NEEDED_DECOMP) before reading them.
+GZIP_PART_TYPES = {"application/gzip", "application/gzip-compressed", "application/gzipped",
+                   "application/x-compress", "application/x-compressed", "application/x-gunzip",
+                   "application/x-gzip", "application/x-gzip-compressed"}
+#: Most bytes any gzip data in user_data may unpack to: a 64 KiB user_data could otherwise
+#: unpack to gigabytes (gzip within gzip) in the memory and on the disk of the host.
+UNPACKED_MAX = 16 << 20
+
+
+def gunzip(raw: bytes) -> bytes:
+    """``raw`` unpacked, at most UNPACKED_MAX bytes; raises UserDataError beyond, or if it is
+    not gzip data."""
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as unpacked:
+            data = unpacked.read(UNPACKED_MAX + 1)
+    except (OSError, EOFError, zlib.error) as err:
+        raise UserDataError(f"gzip data in user_data cannot be unpacked: {err}") from None
+    if len(data) > UNPACKED_MAX:
+        raise UserDataError(f"gzip data in user_data unpacks to more than {UNPACKED_MAX} bytes: "
+                            "send less, or fetch the rest from the VM")
+    return data
 
 
 def kind_of(user_data: str) -> str:
@@ -58,13 +82,23 @@ def kind_of(user_data: str) -> str:
 
 def mime_parts(user_data: str) -> list[tuple[str, str]]:
     """(kind, text) of each part of a MIME multipart user_data, in order; a part of another
-    content type is classified by its first line, as cloud-init does for text/plain."""
+    content type is classified by its first line, as cloud-init does for text/plain. A gzip
+    part is unpacked first; one that cannot be is ("unreadable", why)."""
     parts = []
     for part in email.message_from_string(user_data).walk():
         if part.is_multipart():
             continue
         raw = part.get_payload(decode=True) or b""
-        text = raw.decode(part.get_content_charset() or "utf-8", "replace")
+        if part.get_content_type() in GZIP_PART_TYPES or raw[:2] == b"\x1f\x8b":
+            try:
+                raw = gunzip(raw)
+            except UserDataError as err:
+                parts.append(("unreadable", str(err)))
+                continue
+        try:
+            text = raw.decode(part.get_content_charset() or "utf-8", "replace")
+        except LookupError:  # a charset Python does not know: one bad header must not lose the rest
+            text = raw.decode("utf-8", "replace")
         kind = MIME_PART_KINDS.get(part.get_content_type()) or kind_of(text)
         parts.append((kind, text))
     return parts
@@ -92,9 +126,9 @@ def _decode(content: object, encoding: str | None) -> bytes:
     if enc in ("b64", "base64"):
         return base64.b64decode(raw)
     if enc in ("gz+b64", "gzip+base64", "gz+base64", "gzip+b64"):
-        return gzip.decompress(base64.b64decode(raw))
+        return gunzip(base64.b64decode(raw))
     if enc in ("gz", "gzip"):
-        return gzip.decompress(raw)
+        return gunzip(raw)
     raise UserDataError(f"write_files: unknown encoding {encoding!r}")
 
 
@@ -163,6 +197,9 @@ async def run_user_data(user_data: str, disk: Path, env: Mapping[str, str], say:
                 failed += 1
             else:
                 argvs += found
+        elif part_kind == "unreadable":
+            say(f"a user_data part is ignored: {text}")
+            failed += 1
         else:
             say("a user_data part is neither a '#!' script nor '#cloud-config': ignored")
     home = disk / "home"

@@ -115,15 +115,21 @@ def _write_config_drive(folder: Path, *, server_id: str, name: str, hostname: st
             f.write(user_data)  # may hold a key: owner only
 
 
+def read_meta(directory: Path) -> dict:
+    """The VM's meta.json; empty if the VM dir is gone (or was never prepared)."""
+    try:
+        return json.loads((directory / "meta.json").read_text())
+    except FileNotFoundError:
+        return {}
+
+
 def update_meta(directory: Path, **changes: object) -> None:
     """Change fields of meta.json (e.g. the floating IP); a no-op if the VM dir is gone."""
-    path = directory / "meta.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
+    data = read_meta(directory)
+    if not data:
         return
     data.update(changes)
-    _write_json(path, data)
+    _write_json(directory / "meta.json", data)
 
 
 def write_boot(directory: Path, boot: int, ready_at: float) -> None:
