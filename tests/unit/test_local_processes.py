@@ -72,13 +72,18 @@ def test_vms_outlive_a_sigkilled_creator_and_reset_ends_them(local_cloud):
     assert local_cloud.list_servers() == []
 
 
+def _children() -> dict:
+    me = os.getpid()
+    return {pid: st for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+            if (st := proc_stat(pid)) is not None and st.ppid == me}
+
+
 def test_creating_leaves_no_zombie_and_no_child_behind(local_cloud):
+    before = set(_children())  # the suite's own (its Prefect server, when an earlier module started it)
     who = owner()
     servers = local_cloud.create_servers(ServerSpec("clean", "m3.tiny", NOOP, count=3), who)
     wait_for_servers(local_cloud, who.run_id, [s.id for s in servers], timeout=20, poll_interval=0.05)
-    me = os.getpid()
-    children = {pid: st for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-                if (st := proc_stat(pid)) is not None and st.ppid == me}
+    children = {pid: st for pid, st in _children().items() if pid not in before}
     assert children == {}, f"the creator has children (zombies or VMs): {children}"
     pids = list(guests(local_cloud).values())
     for s in servers:

@@ -80,7 +80,10 @@ def test_node_boots_are_reported_while_they_happen(monkeypatch):
     assert watch.see({"c-1": NodeInfo("c-1", "ALLOCATED", frozenset({"CLOUD", "NOT_RESPONDING"}),
                                       address="127.0.0.1")}) == []
     clock[0] = 115.0
-    assert watch.see({"c-1": NodeInfo("c-1", "ALLOCATED", frozenset({"CLOUD"}), address="127.64.0.9")}) == [
+    # seen on CI: every flag gone while the node still has its parked address and no VM recorded
+    assert watch.see({"c-1": NodeInfo("c-1", "ALLOCATED", frozenset({"CLOUD"}), address="127.0.0.1")}) == []
+    assert watch.see({"c-1": NodeInfo("c-1", "ALLOCATED", frozenset({"CLOUD"}), address="127.64.0.9",
+                                      comment="instance=vm-1")}) == [
         (logging.INFO, "node c-1: up at 127.64.0.9 after 15 s")]
     quota = NodeInfo("c-1", "IDLE", frozenset({"CLOUD", "POWERING_DOWN"}), reason="slipstream: the cloud's quota …")
     assert (logging.WARNING, "node c-1: slipstream: the cloud's quota …") in watch.see({"c-1": quota})
@@ -161,5 +164,5 @@ def test_a_node_that_booted_between_two_looks_is_still_reported_powering_up():
     watch = NodeWatch(["c-1"], every=10)
     assert watch.see({"c-1": NodeInfo("c-1", "IDLE", frozenset({"CLOUD", "POWERED_DOWN"}))}) == []
     lines = [line for _, line in watch.see({"c-1": NodeInfo("c-1", "ALLOCATED", frozenset({"CLOUD"}),
-                                                            address="127.64.0.9")})]
+                                                            address="127.64.0.9", comment="instance=vm-1")})]
     assert lines == ["node c-1: powering up (creating its VM, then slurmd registers)", "node c-1: up at 127.64.0.9"]
