@@ -41,7 +41,8 @@ def _local_cloud():
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """Everything slipstream owns on every configured cloud: "local" and each saved OpenStack block."""
-    from slipstream.tasks.reap import configured_clouds, open_cloud, prefect_client
+    from slipstream.cloud import open_cloud
+    from slipstream.tasks.reap import configured_clouds, prefect_client
 
     with prefect_client() as (client, why_not):
         refs = configured_clouds(client)

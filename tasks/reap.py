@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
+from slipstream.cloud import open_cloud
 from slipstream.cloud.errors import CloudError
 from slipstream.ownership.heartbeat import HEARTBEAT_EVENT
 from slipstream.ownership.reaper import (
@@ -126,16 +127,6 @@ def configured_clouds(client, extra: Iterable[str] = ()) -> list[str]:
         if ref not in refs:
             refs.append(ref)
     return refs
-
-
-def open_cloud(ref: str):
-    if ref in ("", "local"):
-        from slipstream.cloud.local import LocalCloud
-
-        return LocalCloud()  # no Prefect needed for the embedded cloud
-    from slipstream.blocks import load_cloud
-
-    return load_cloud(ref)
 
 
 def reap_clouds(
